@@ -1,0 +1,5 @@
+import sys
+
+from kontinue.cli import main
+
+sys.exit(main())

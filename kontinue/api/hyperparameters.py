@@ -1,0 +1,137 @@
+"""The AutoMM-style dotted hyperparameter keys kontinue understands.
+
+One table serves the API (validation of `spec.hyperparameters`), the CRD descriptions and the
+trainer (defaults), so a key the trainer does not know can never be accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+class HyperparameterError(ValueError):
+    """A hyperparameter key is unknown or its value is out of range; `key` names it."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"hyperparameters.{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    default: Any
+    description: str
+    check: Callable[[Any], str | None]
+
+
+def _number(minimum: float | None = None, maximum: float | None = None, integer: bool = False,
+            allow: tuple = ()) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if value in allow:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"must be a number, got {value!r}"
+        if integer and not float(value).is_integer():
+            return f"must be a whole number, got {value!r}"
+        if minimum is not None and value < minimum:
+            return f"must be >= {minimum}, got {value!r}"
+        if maximum is not None and value > maximum:
+            return f"must be <= {maximum}, got {value!r}"
+        return None
+    return check
+
+
+def _choice(*choices: Any) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be one of {list(choices)}, got {value!r}"
+    return check
+
+
+def _optional_string(value: Any) -> str | None:
+    return None if value is None or isinstance(value, str) else f"must be a string, got {value!r}"
+
+
+def _backbone_names(value: Any) -> str | None:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        return f"must be a non-empty list of backbone names, got {value!r}"
+    unknown = [v for v in value if v.split("_")[0] not in ("hf", "timm", "mmdet", "fusion")]
+    return f"unknown backbone(s) {unknown}" if unknown else None
+
+
+HYPERPARAMETERS: dict[str, Hyperparameter] = {
+    "model.names": Hyperparameter(["hf_text"], "Backbones to build, by AutoMM prefix.", _backbone_names),
+    "model.hf_text.checkpoint_name": Hyperparameter(
+        "google/electra-base-discriminator",
+        "A transformers model name or a local directory (a dump's hf_text/ works).", _optional_string),
+    "model.hf_text.max_text_len": Hyperparameter(
+        512, "Tokens kept per text; longer texts are truncated.", _number(1, 100_000, integer=True)),
+    "model.hf_text.pooling_mode": Hyperparameter(
+        "cls", "How token states become one vector.", _choice("cls", "mean")),
+    "model.timm_image.checkpoint_name": Hyperparameter(
+        "swin_base_patch4_window7_224", "A timm architecture name or a dump's timm_image/ directory.",
+        _optional_string),
+    "model.mmdet_image.checkpoint_name": Hyperparameter(
+        "yolov3_mobilenetv2_8xb24-320-300e_coco", "An MMDetection config name or a dump's mmdet_image/.",
+        _optional_string),
+    "optim.optim_type": Hyperparameter("adamw", "Optimizer.", _choice("adamw", "adam", "sgd")),
+    "optim.lr": Hyperparameter(1e-4, "Peak learning rate.", _number(0, 10)),
+    "optim.weight_decay": Hyperparameter(1e-3, "Decoupled weight decay.", _number(0, 10)),
+    "optim.lr_schedule": Hyperparameter(
+        "linear_decay", "Learning-rate schedule after warm-up.",
+        _choice("linear_decay", "cosine_decay", "constant")),
+    "optim.warmup_steps": Hyperparameter(
+        0.1, "Warm-up length as a fraction of all optimizer steps.", _number(0, 1)),
+    "optim.max_epochs": Hyperparameter(10, "Epochs to train.", _number(1, 100_000, integer=True)),
+    "optim.max_steps": Hyperparameter(
+        -1, "Stop after this many optimizer steps (-1: no limit).", _number(-1, integer=True)),
+    "optim.gradient_clip_val": Hyperparameter(1.0, "Clip gradients to this norm (0: off).", _number(0)),
+    "optim.val_check_interval": Hyperparameter(
+        0.5, "Validate every this fraction of an epoch (or every N batches if > 1).", _number(0)),
+    "optim.patience": Hyperparameter(
+        10, "Stop after this many validations without improvement.", _number(1, integer=True)),
+    "env.per_gpu_batch_size": Hyperparameter(8, "Samples per device per step.", _number(1, integer=True)),
+    "env.batch_size": Hyperparameter(
+        128, "Effective batch size; gradients accumulate to reach it.", _number(1, integer=True)),
+    "env.eval_batch_size_ratio": Hyperparameter(
+        4, "Evaluation batch size as a multiple of per_gpu_batch_size.", _number(1, integer=True)),
+    "env.num_gpus": Hyperparameter(-1, "GPUs to use (-1: all visible, 0: CPU).", _number(-1, integer=True)),
+    "env.precision": Hyperparameter(
+        "auto", "Lightning precision; auto is bf16-mixed on GPUs that support it, else 32.",
+        _choice("auto", "32", "bf16-mixed", "16-mixed", 32, 16)),
+    "env.num_workers": Hyperparameter(0, "DataLoader worker processes.", _number(0, 64, integer=True)),
+    "env.checkpoint_every_n_steps": Hyperparameter(
+        None, "Write last.ckpt every N optimizer steps (unset: only by time and on SIGTERM).",
+        _number(1, integer=True, allow=(None,))),
+    "env.checkpoint_every_n_minutes": Hyperparameter(
+        10.0, "Write last.ckpt at least this often in minutes (unset: only by steps and on SIGTERM).",
+        _number(0.001, allow=(None,))),
+}
+
+
+def validate_hyperparameters(hyperparameters: dict[str, Any] | None) -> dict[str, Any]:
+    """Checks user hyperparameters and returns them merged over the defaults.
+
+    Raises HyperparameterError naming the first bad key.
+    """
+    merged = {key: spec.default for key, spec in HYPERPARAMETERS.items()}
+    for key, value in (hyperparameters or {}).items():
+        if key not in HYPERPARAMETERS:
+            raise HyperparameterError(key, f"unknown hyperparameter; known keys: {sorted(HYPERPARAMETERS)}")
+        problem = HYPERPARAMETERS[key].check(value)
+        if problem:
+            raise HyperparameterError(key, problem)
+        merged[key] = value
+    return merged
+
+
+def hyperparameter_problems(hyperparameters: dict[str, Any] | None) -> list[HyperparameterError]:
+    """Every problem at once, for `kontinue validate` and the pydantic models."""
+    problems = []
+    for key, value in (hyperparameters or {}).items():
+        try:
+            validate_hyperparameters({key: value})
+        except HyperparameterError as error:
+            problems.append(error)
+    return problems
