@@ -1,0 +1,184 @@
+"""Lightning callbacks, one concern each: random state, resume points, the best model, status."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from kontinue.trainer.rundir import RunDirectory
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again", the operator's cue to resume
+
+
+class Preempted(SystemExit):
+    """Raised once the resume point is safe after SIGTERM/SIGINT; uncaught, the process exits 75."""
+
+    def __init__(self, step: int):
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.step = step
+
+
+class RandomState(pl.Callback):
+    """Carries every RNG state through a checkpoint so dropout after a resume matches.
+
+    States are put back at the first training batch after a restore, after Lightning and the
+    data loaders have finished their own set-up.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        python_state = random.getstate()
+        numpy_state = np.random.get_state()
+        state = {
+            "torch": torch.get_rng_state(),
+            "python": [python_state[0], list(python_state[1]), python_state[2]],
+            "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._pending is None:
+            return
+        state, self._pending = self._pending, None
+        torch.set_rng_state(state["torch"])
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        numpy_state = state["numpy"]
+        np.random.set_state((numpy_state[0], np.asarray(numpy_state[1], dtype=np.uint32), *numpy_state[2:]))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ResumePoints(pl.Callback):
+    """Writes last.ckpt every N steps / minutes, and at once when asked to stop.
+
+    A resume point is taken only where an uninterrupted run would pass too: after an optimizer
+    step, and after the validation that follows it when one is due. SIGTERM and SIGINT only set a
+    flag; the save happens at the next such point, then `Preempted` ends the fit.
+    """
+
+    def __init__(self, run_dir: "RunDirectory", every_n_steps: int | None, every_n_minutes: float | None):
+        self.run_dir = run_dir
+        self.every_n_steps = every_n_steps
+        self.every_n_seconds = every_n_minutes * 60 if every_n_minutes else None
+        self.stop_requested = False
+        self._last_save = time.monotonic()
+        self._save_pending = False
+        self._previous_handlers: dict[int, Any] = {}
+
+    def _request_stop(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Installed after Lightning's own handlers so a stop never aborts a step or a validation.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
+        self._last_save = time.monotonic()
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore_handlers()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore_handlers()
+
+    def _periodic_due(self, trainer) -> bool:
+        by_steps = self.every_n_steps and trainer.global_step % self.every_n_steps == 0
+        by_time = self.every_n_seconds and time.monotonic() - self._last_save >= self.every_n_seconds
+        return bool(by_steps or by_time)
+
+    def _agreed(self, trainer, wish: bool) -> bool:
+        """Every process must save at the same step, so the wish is shared."""
+        return trainer.strategy.reduce_boolean_decision(wish, all=False)
+
+    def _save(self, trainer) -> None:
+        self._save_pending = False
+        self.run_dir.save_resume_point(trainer)
+        self._last_save = time.monotonic()
+        if self._agreed(trainer, self.stop_requested):
+            raise Preempted(trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if epoch_loop._should_accumulate():
+            return
+        self._save_pending = self._agreed(trainer, self.stop_requested or self._periodic_due(trainer))
+        # When a validation follows this step, the resume point waits until it is done.
+        if self._save_pending and not epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+            self._save(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        if self._save_pending or self._agreed(trainer, self.stop_requested):
+            self._save(trainer)
+
+
+class BestModel(pl.Callback):
+    """Keeps model.ckpt at the best validation score so far (AutoMM's model.ckpt)."""
+
+    def __init__(self, run_dir: "RunDirectory", higher_is_better: bool):
+        self.run_dir = run_dir
+        self.higher_is_better = higher_is_better
+        self.best_score: float | None = None
+        self.best_step = -1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_score": self.best_score, "best_step": self.best_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_score, self.best_step = state_dict["best_score"], state_dict["best_step"]
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        score = pl_module.last_validation[pl_module.problem.eval_metric]
+        better = self.best_score is None or (score > self.best_score if self.higher_is_better
+                                             else score < self.best_score)
+        if better and np.isfinite(score):
+            self.best_score, self.best_step = score, trainer.global_step
+            self.run_dir.save_best_model(trainer, pl_module, score)
+
+
+class StatusReporter(pl.Callback):
+    """Keeps status.json (phase, progress, metrics) current for people and the operator."""
+
+    def __init__(self, run_dir: "RunDirectory", every_n_seconds: float = 30.0):
+        self.run_dir = run_dir
+        self.every_n_seconds = every_n_seconds
+        self._last_write = 0.0
+
+    def _report(self, trainer, pl_module, **fields) -> None:
+        if trainer.is_global_zero:
+            self.run_dir.update_status(step=trainer.global_step, epoch=trainer.current_epoch,
+                                       max_steps=pl_module.total_steps, **fields)
+            self._last_write = time.monotonic()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._report(trainer, pl_module, phase="Running")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if time.monotonic() - self._last_write >= self.every_n_seconds:
+            self._report(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._report(trainer, pl_module, metrics=pl_module.last_validation)

@@ -1,0 +1,85 @@
+"""The LightningModule: backbones, a head, the loss, the optimizer and its schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from kontinue.trainer.backbones import Backbone
+from kontinue.trainer.problem import Problem
+
+
+class PredictorModule(pl.LightningModule):
+    def __init__(self, backbones: dict[str, Backbone], problem: Problem, hyperparameters: dict[str, Any],
+                 total_steps: int = 1):
+        super().__init__()
+        self.backbones = nn.ModuleDict(backbones)
+        self.head = nn.Linear(sum(b.out_features for b in backbones.values()), problem.num_outputs)
+        self.problem = problem
+        self.hyperparameters = hyperparameters
+        self.total_steps = total_steps
+        self.validation_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.last_validation: dict[str, float] = {}
+        self.train()  # transformers returns encoders in eval mode; dropout must be on while training
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        features = [backbone(batch) for backbone in self.backbones.values()]
+        return self.head(torch.cat(features, dim=-1) if len(features) > 1 else features[0])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.problem.loss(self(batch), batch["target"])
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["target"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.validation_outputs.append((batch["index"], self(batch).float(), batch["target"]))
+
+    def on_validation_epoch_end(self) -> None:
+        """Scores the whole validation set at once, gathered from every process."""
+        indices, outputs, targets = (torch.cat(parts) for parts in zip(*self.validation_outputs))
+        self.validation_outputs.clear()
+        if self.trainer.world_size > 1:
+            indices, outputs, targets = (self.all_gather(t).flatten(0, 1) for t in (indices, outputs, targets))
+        order = torch.argsort(indices.cpu())
+        indices, outputs, targets = indices.cpu()[order], outputs.cpu()[order], targets.cpu()[order]
+        first = torch.ones_like(indices, dtype=torch.bool)
+        first[1:] = indices[1:] != indices[:-1]  # a distributed sampler may repeat rows to pad
+        scores = self.problem.score(outputs[first], targets[first])
+        self.last_validation = scores
+        for name, value in scores.items():
+            self.log(f"val_{name}", value, sync_dist=False, rank_zero_only=True)
+        self.log("val_score", scores[self.problem.eval_metric], prog_bar=True, rank_zero_only=True)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self(batch).float()
+
+    def configure_optimizers(self):
+        hp = self.hyperparameters
+        no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+        groups = [
+            {"params": [p for n, p in self.named_parameters() if not n.endswith(no_decay)],
+             "weight_decay": hp["optim.weight_decay"]},
+            {"params": [p for n, p in self.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
+        ]
+        optimizer = {
+            "adamw": lambda: torch.optim.AdamW(groups, lr=hp["optim.lr"]),
+            "adam": lambda: torch.optim.Adam(groups, lr=hp["optim.lr"]),
+            "sgd": lambda: torch.optim.SGD(groups, lr=hp["optim.lr"], momentum=0.9),
+        }[hp["optim.optim_type"]]()
+        warmup = int(hp["optim.warmup_steps"] * self.total_steps)
+        schedule = hp["optim.lr_schedule"]
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            if schedule == "constant":
+                return 1.0
+            progress = min(1.0, (step - warmup) / max(1, self.total_steps - warmup))
+            return 1.0 - progress if schedule == "linear_decay" else 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,314 @@
+"""An AutoMM-MultiModalPredictor-shaped predictor whose runs survive preemption exactly."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import EarlyStopping
+from torch.utils.data import DataLoader
+
+from kontinue.api.hyperparameters import validate_hyperparameters
+from kontinue.trainer.backbones import Backbone, create_backbone
+from kontinue.trainer.callbacks import BestModel, RandomState, ResumePoints, StatusReporter
+from kontinue.trainer.data import (EncodedDataset, ResumableBatchSampler, ResumableDataLoader, as_table,
+                                   table_fingerprint)
+from kontinue.trainer.module import PredictorModule
+from kontinue.trainer.problem import Problem
+from kontinue.trainer.rundir import RunDirectory, now
+
+log = logging.getLogger("kontinue.trainer")
+FORMAT_VERSION = 1
+
+
+def _default_path() -> Path:
+    return Path("KontinueModels") / dt.datetime.now().strftime("kt-%Y%m%d_%H%M%S_%f")
+
+
+class Predictor:
+    """fit / evaluate / predict / load(resume=True) / dump_model, as in AutoGluon's AutoMM.
+
+    Everything `load(resume=True)` needs is written before the first training step, and the
+    resume point is taken on SIGTERM, so a run killed at any instant can be continued.
+    """
+
+    def __init__(self, label: str | None = None, problem_type: str | None = None,
+                 eval_metric: str | None = None, path: str | Path | None = None,
+                 hyperparameters: dict[str, Any] | None = None, verbosity: int = 2,
+                 enable_progress_bar: bool | None = None, run_dir: RunDirectory | None = None):
+        self.label, self.problem_type, self.eval_metric = label, problem_type, eval_metric
+        self.hyperparameters = dict(hyperparameters or {})
+        validate_hyperparameters(self.hyperparameters)
+        self.verbosity = verbosity
+        self.enable_progress_bar = enable_progress_bar
+        self._run_dir = run_dir or (RunDirectory(path) if path is not None else None)
+        self._problem: Problem | None = None
+        self._module: PredictorModule | None = None
+        self._metadata: dict[str, Any] | None = None
+        self._resume = False
+        self.fit_summary: dict[str, Any] = {}
+
+    # -- paths -------------------------------------------------------------------------------------
+    @property
+    def path(self) -> str | None:
+        return str(self._run_dir.path) if self._run_dir else None
+
+    @property
+    def run_dir(self) -> RunDirectory:
+        if self._run_dir is None:
+            self._run_dir = RunDirectory(_default_path())
+        return self._run_dir
+
+    @property
+    def problem(self) -> Problem:
+        if self._problem is None:
+            raise RuntimeError("the predictor is not fitted yet; call fit() or Predictor.load()")
+        return self._problem
+
+    @property
+    def class_labels(self) -> list[Any] | None:
+        return self.problem.classes or None
+
+    # -- fit -----------------------------------------------------------------------------------------
+    def fit(self, train_data: pd.DataFrame | str, tuning_data: pd.DataFrame | str | None = None,
+            time_limit: float | None = None, hyperparameters: dict[str, Any] | None = None,
+            seed: int = 0, holdout_frac: float = 0.1) -> "Predictor":
+        train_data, tuning_data = as_table(train_data), as_table(tuning_data)
+        if self._resume:
+            return self._fit_resumed(train_data, tuning_data, time_limit)
+        if self._module is not None:  # AutoMM use case 1: keep training a fitted predictor
+            log.info("continuing from the fitted weights of %s into a new path", self.path)
+            self._run_dir = RunDirectory(_default_path())
+        elif self.run_dir.read_metadata() is not None:
+            raise ValueError(f"path: {self.path} already holds a predictor; use Predictor.load(path, "
+                             "resume=True) to continue it, or choose a new path")
+        if self.label is None:
+            raise ValueError("label: the predictor needs the name of the label column")
+        hp = validate_hyperparameters({**self.hyperparameters, **(hyperparameters or {})})
+        pl.seed_everything(seed, workers=True, verbose=False)
+        problem = Problem.from_data(self.label, train_data, self.problem_type, self.eval_metric)
+        continued = self._module
+        backbones = {prefix: create_backbone(prefix, hp) for prefix in hp["model.names"]}
+        columns = {prefix: backbone.columns(train_data, self.label) for prefix, backbone in backbones.items()}
+        for prefix, backbone in backbones.items():
+            backbone.text_columns = columns[prefix]
+        if tuning_data is None:
+            tuning_data = train_data.sample(frac=holdout_frac, random_state=seed)
+            train_data = train_data.drop(tuning_data.index)
+        self._problem = problem
+        self._metadata = {
+            "version": FORMAT_VERSION, "label": self.label, "problem": problem.to_dict(),
+            "hyperparameters": hp, "columns": columns, "seed": seed, "time_limit": time_limit,
+            "holdout_frac": holdout_frac, "data_fingerprint": table_fingerprint(train_data), "created": now(),
+        }
+        self._module = PredictorModule(backbones, problem, hp)
+        if continued is not None:
+            self._module.load_state_dict(continued.state_dict())
+        for prefix, backbone in backbones.items():
+            backbone.save_assets(self.run_dir.path / "assets" / prefix)
+        self.run_dir.write_metadata(self._metadata)
+        self.run_dir.update_status(phase="Pending", started=now())
+        return self._train(train_data, tuning_data, time_limit, ckpt_path=None)
+
+    def _fit_resumed(self, train_data, tuning_data, time_limit) -> "Predictor":
+        metadata = self._metadata
+        if tuning_data is None:  # the same hold-out as the first attempt
+            tuning_data = train_data.sample(frac=metadata["holdout_frac"], random_state=metadata["seed"])
+            train_data = train_data.drop(tuning_data.index)
+        if table_fingerprint(train_data) != metadata["data_fingerprint"]:
+            self.run_dir.warn("the training data differs from the data this run started with; "
+                              "the resumed run will not match an uninterrupted one")
+        ckpt_path = self.run_dir.find_resume_point()
+        if ckpt_path is None and self.run_dir.status.get("lastCheckpoint"):
+            self.run_dir.warn("no valid checkpoint is left; training restarts from the first step")
+        elif ckpt_path is None:
+            log.info("no checkpoint yet: starting the run from its first step")
+        pl.seed_everything(metadata["seed"], workers=True, verbose=False)
+        self._resume = False
+        return self._train(train_data, tuning_data, time_limit or metadata["time_limit"], ckpt_path=ckpt_path)
+
+    def _train(self, train_data, tuning_data, time_limit, ckpt_path) -> "Predictor":
+        hp, problem, module = self._metadata["hyperparameters"], self.problem, self._module
+        accelerator, devices, strategy, precision = _devices(hp)
+        world_size = devices if isinstance(devices, int) else 1
+        per_device = int(hp["env.per_gpu_batch_size"])
+        accumulate = max(1, int(hp["env.batch_size"]) // (per_device * world_size))
+        train_loader = self._loader(train_data, shuffle=True, batch_size=per_device, world_size=world_size)
+        val_loader = self._loader(tuning_data, shuffle=False, batch_size=per_device * hp["env.eval_batch_size_ratio"],
+                                  world_size=world_size)
+        steps_per_epoch = math.ceil(len(train_loader) / accumulate)
+        total = steps_per_epoch * hp["optim.max_epochs"]
+        module.total_steps = min(total, hp["optim.max_steps"]) if hp["optim.max_steps"] > 0 else total
+        interval = hp["optim.val_check_interval"]
+        run_dir = self.run_dir
+        callbacks = [
+            RandomState(),
+            ResumePoints(run_dir, hp["env.checkpoint_every_n_steps"], hp["env.checkpoint_every_n_minutes"]),
+            BestModel(run_dir, problem.higher_is_better),
+            StatusReporter(run_dir),
+            EarlyStopping(monitor="val_score", mode="max" if problem.higher_is_better else "min",
+                          patience=hp["optim.patience"]),
+        ]
+        trainer = pl.Trainer(
+            accelerator=accelerator, devices=devices, strategy=strategy, precision=precision,
+            max_epochs=hp["optim.max_epochs"], max_steps=hp["optim.max_steps"],
+            max_time=dt.timedelta(seconds=time_limit) if time_limit else None,
+            accumulate_grad_batches=accumulate, gradient_clip_val=hp["optim.gradient_clip_val"] or None,
+            val_check_interval=min(1.0, interval) if interval <= 1 else int(interval),
+            callbacks=callbacks, logger=False, enable_checkpointing=False, num_sanity_val_steps=0,
+            enable_progress_bar=self._progress_bar(), enable_model_summary=False,
+            use_distributed_sampler=False, default_root_dir=str(run_dir.path),
+        )
+        trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None,
+                    weights_only=True)
+        if trainer.is_global_zero:
+            self._finish(trainer, val_loader)
+        return self
+
+    def _finish(self, trainer: pl.Trainer, val_loader: DataLoader) -> None:
+        run_dir, module = self.run_dir, self._module
+        if not run_dir.has_best_model():  # stopped by the time limit before any validation
+            trainer.validate(module, val_loader, verbose=False)
+        best = run_dir.load_best_model()
+        module.load_state_dict(best["state_dict"])
+        run_dir.drop_resume_points()
+        self.fit_summary = {"best_score": best["score"], "best_step": best["step"],
+                            "eval_metric": self.problem.eval_metric, "steps": trainer.global_step}
+        run_dir.update_status(phase="Succeeded", step=trainer.global_step, finished=now(),
+                              bestScore=best["score"], metrics=module.last_validation)
+
+    def _progress_bar(self) -> bool:
+        return self.verbosity >= 2 if self.enable_progress_bar is None else self.enable_progress_bar
+
+    def _loader(self, data: pd.DataFrame, *, shuffle: bool, batch_size: int, world_size: int = 1,
+                with_targets: bool = True) -> DataLoader:
+        module = self._module
+        backbones: dict[str, Backbone] = dict(module.backbones)
+        encoded = [backbone.encode(data) for backbone in backbones.values()]
+        features = [dict(pair for part in row for pair in part.items()) for row in zip(*encoded)]
+        targets = self.problem.encode(data[self.label]) if with_targets else None
+        rank = int(torch.distributed.get_rank()) if torch.distributed.is_initialized() else 0
+
+        def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+            batch = {"index": torch.tensor([item["index"] for item in items])}
+            for backbone in backbones.values():
+                batch.update(backbone.collate(items))
+            if with_targets:
+                batch["target"] = torch.stack([item["target"] for item in items])
+            return batch
+
+        sampler = ResumableBatchSampler(len(features), batch_size, seed=self._metadata["seed"], shuffle=shuffle,
+                                        rank=rank, world_size=world_size)
+        return ResumableDataLoader(EncodedDataset(features, targets), batch_sampler=sampler, collate_fn=collate,
+                                   num_workers=self._metadata["hyperparameters"]["env.num_workers"],
+                                   generator=torch.Generator().manual_seed(self._metadata["seed"]))
+
+    # -- inference -----------------------------------------------------------------------------------
+    def _outputs(self, data: pd.DataFrame, with_targets: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hp = self._metadata["hyperparameters"]
+        loader = self._loader(data, shuffle=False, with_targets=with_targets,
+                              batch_size=hp["env.per_gpu_batch_size"] * hp["env.eval_batch_size_ratio"])
+        device = torch.device("cuda" if torch.cuda.is_available() and hp["env.num_gpus"] != 0 else "cpu")
+        module = self._module.to(device).eval()
+        outputs, targets = [], []
+        with torch.inference_mode():
+            for batch in loader:
+                outputs.append(module({k: v.to(device) for k, v in batch.items()}).float().cpu())
+                if with_targets:
+                    targets.append(batch["target"])
+        return torch.cat(outputs), torch.cat(targets) if with_targets else None
+
+    def evaluate(self, data: pd.DataFrame | str, metrics: list[str] | str | None = None) -> dict[str, float]:
+        data = as_table(data)
+        outputs, targets = self._outputs(data, with_targets=True)
+        names = [metrics] if isinstance(metrics, str) else metrics
+        return self.problem.score(outputs, targets, names or None)
+
+    def predict(self, data: pd.DataFrame | str, as_pandas: bool = True) -> pd.Series | np.ndarray:
+        data = as_table(data)
+        outputs, _ = self._outputs(data, with_targets=False)
+        values = self.problem.decode(outputs)
+        return pd.Series(values, index=data.index, name=self.label) if as_pandas else values
+
+    def predict_proba(self, data: pd.DataFrame | str, as_pandas: bool = True,
+                      as_multiclass: bool = True) -> pd.DataFrame | np.ndarray:
+        if self.problem.problem_type == "regression":
+            raise ValueError("predict_proba: a regression predictor has no class probabilities")
+        data = as_table(data)
+        outputs, _ = self._outputs(data, with_targets=False)
+        probabilities = self.problem.probabilities(outputs).numpy()
+        if not as_multiclass and self.problem.problem_type == "binary":
+            probabilities = probabilities[:, 1]
+            return pd.Series(probabilities, index=data.index) if as_pandas else probabilities
+        return pd.DataFrame(probabilities, index=data.index, columns=self.problem.classes) if as_pandas \
+            else probabilities
+
+    # -- persistence --------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, resume: bool = False, run_dir: RunDirectory | None = None) -> "Predictor":
+        """Loads a predictor; resume=True continues an unfinished fit from its last valid checkpoint."""
+        run_dir = run_dir or RunDirectory(path)
+        metadata = run_dir.read_metadata()
+        if metadata is None:
+            raise FileNotFoundError(f"path: {run_dir.path} holds no kontinue predictor (kontinue.json missing)")
+        problem = Problem(**metadata["problem"])
+        predictor = cls(label=metadata["label"], problem_type=problem.problem_type,
+                        eval_metric=problem.eval_metric, run_dir=run_dir)
+        predictor._problem, predictor._metadata = problem, metadata
+        hp = metadata["hyperparameters"]
+        backbones = {}
+        for prefix in hp["model.names"]:
+            backbones[prefix] = create_backbone(prefix, hp, assets_dir=run_dir.path / "assets" / prefix,
+                                                pretrained=False)
+            backbones[prefix].text_columns = metadata["columns"][prefix]
+        predictor._module = PredictorModule(backbones, problem, hp)
+        if resume:
+            if run_dir.status.get("phase") == "Succeeded" and not run_dir.has_resume_point():
+                raise ValueError(f"path: training in {run_dir.path} is already completed; "
+                                 "load it with resume=False")
+            predictor._resume = True
+        elif run_dir.has_best_model():
+            predictor._module.load_state_dict(run_dir.load_best_model()["state_dict"])
+        else:
+            raise FileNotFoundError(f"path: {run_dir.path} has no model.ckpt yet; use resume=True to "
+                                    "continue its training")
+        return predictor
+
+    def save(self, path: str | Path) -> None:
+        """Copies the predictor (metadata, assets, best model) to `path`."""
+        target = Path(path)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("kontinue.json", "status.json", "model.ckpt", "model.ckpt.sha256"):
+            if (self.run_dir.path / name).exists():
+                shutil.copy2(self.run_dir.path / name, target / name)
+        shutil.copytree(self.run_dir.path / "assets", target / "assets", dirs_exist_ok=True)
+
+    def dump_model(self, save_path: str | Path | None = None) -> str:
+        """Writes each backbone in its library's own format: `<save_path>/hf_text/` etc."""
+        target = Path(save_path) if save_path else self.run_dir.path / "dump"
+        for prefix, backbone in self._module.backbones.items():
+            backbone.dump(target / prefix)
+        if self.run_dir.remote is not None and target == self.run_dir.path / "dump":
+            self.run_dir.remote.sync_up(target, "dump")
+        self.run_dir.update_status(dumpedModel=f"{self.run_dir.uri.rstrip('/')}/dump")
+        return str(target)
+
+
+def _devices(hp: dict[str, Any]) -> tuple[str, int | str, str, str]:
+    """Every visible GPU (DDP across them, bf16 where supported), else the CPU."""
+    available = torch.cuda.device_count()
+    wanted = available if hp["env.num_gpus"] < 0 else min(available, hp["env.num_gpus"])
+    precision = str(hp["env.precision"])
+    if wanted == 0:
+        return "cpu", 1, "auto", "32-true" if precision == "auto" else precision
+    if precision == "auto":
+        precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "gpu", wanted, "ddp" if wanted > 1 else "auto", precision

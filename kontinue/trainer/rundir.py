@@ -1,0 +1,172 @@
+"""The run directory: one layout for a Predictor's path and a TrainingRun's storage.
+
+    kontinue.json   predictor metadata (written before the first step)
+    assets/<prefix>/  what rebuilding each backbone needs (tokenizer, config)
+    last.ckpt       the resume point; previous.ckpt the one before it; each with a .sha256 beside it
+    model.ckpt      the best weights so far
+    status.json     phase, progress, last checkpoint, metrics, warnings
+    dump/           dump_model output
+
+Training always happens in a local directory; when the run directory is remote (S3), every file
+written locally is published there too, and `fetch` brings a run back onto a new machine.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kontinue.storage import ChecksumMismatch, ObjectNotFound, Store, open_store
+
+log = logging.getLogger("kontinue.trainer")
+
+METADATA, STATUS, LAST, PREVIOUS, BEST = "kontinue.json", "status.json", "last.ckpt", "previous.ckpt", "model.ckpt"
+RESUME_POINTS = (LAST, PREVIOUS)
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class RunDirectory:
+    def __init__(self, path: str | os.PathLike, remote: Store | None = None):
+        self.path = Path(path).absolute()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.local = open_store(str(self.path))
+        self.remote = remote
+        self.status: dict[str, Any] = self._read_json(STATUS) or {}
+
+    @property
+    def uri(self) -> str:
+        return (self.remote or self.local).uri
+
+    def _read_json(self, name: str) -> dict[str, Any] | None:
+        return json.loads(self.local.read_text(name)) if self.local.exists(name) else None
+
+    def publish(self, name: str, *, checksum: bool = False) -> None:
+        """Copies a local file to the remote run directory, if there is one."""
+        if self.remote is not None:
+            self.remote.put_file(name, self.path / name, checksum=checksum)
+
+    def fetch(self) -> None:
+        """Brings metadata, assets, status and the best model down from the remote run directory."""
+        if self.remote is None:
+            return
+        for info in self.remote.list():
+            if info.key not in RESUME_POINTS and not info.key.startswith("dump/"):
+                self.remote.get_file(info.key, self.path / info.key)
+        self.status = self._read_json(STATUS) or {}
+
+    # -- metadata ------------------------------------------------------------------------------
+    def read_metadata(self) -> dict[str, Any] | None:
+        return self._read_json(METADATA)
+
+    def write_metadata(self, metadata: dict[str, Any]) -> None:
+        self.local.write_text(METADATA, json.dumps(metadata, indent=2, default=str))
+        self.publish(METADATA)
+        if self.remote is not None:
+            self.remote.sync_up(self.path / "assets", "assets")
+
+    # -- status ----------------------------------------------------------------------------------
+    def update_status(self, *, step: int | None = None, max_steps: int | None = None, **fields: Any) -> None:
+        if step is not None:
+            self.status["step"] = step
+            if max_steps:
+                self.status["progress"] = round(min(1.0, step / max_steps), 4)
+        self.status.update({k: v for k, v in fields.items() if v is not None}, updated=now())
+        self.local.write_text(STATUS, json.dumps(self.status, indent=2, default=str))
+        self.publish(STATUS)
+
+    def warn(self, message: str) -> None:
+        log.warning(message)
+        self.status.setdefault("warnings", []).append({"time": now(), "message": message})
+        self.update_status()
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save_resume_point(self, trainer) -> None:
+        """Writes last.ckpt (the previous one kept as previous.ckpt) here and remotely."""
+        scratch = self.path / f"{LAST}.tmp-{os.getpid()}"
+        trainer.save_checkpoint(scratch, weights_only=False)
+        if not trainer.is_global_zero:
+            return
+        try:
+            for store in filter(None, (self.local, self.remote)):
+                if store.exists(LAST):
+                    store.move(LAST, PREVIOUS)
+            info = self.local.put_file(LAST, scratch, checksum=True)
+            self.publish(LAST, checksum=True)
+        finally:
+            scratch.unlink(missing_ok=True)
+        record = {"uri": f"{self.uri.rstrip('/')}/{LAST}", "step": trainer.global_step,
+                  "epoch": trainer.current_epoch, "sha256": info.sha256, "time": now()}
+        self.update_status(step=trainer.global_step, lastCheckpoint=record)
+        log.info("resume point saved at step %d (%s)", trainer.global_step, record["uri"])
+        trainer.strategy.barrier("kontinue-resume-point")
+
+    def save_best_model(self, trainer, module: torch.nn.Module, score: float) -> None:
+        if not trainer.is_global_zero:
+            return
+        scratch = self.path / f"{BEST}.tmp-{os.getpid()}"
+        torch.save({"state_dict": module.state_dict(), "score": score, "step": trainer.global_step}, scratch)
+        try:
+            self.local.put_file(BEST, scratch, checksum=True)
+            self.publish(BEST, checksum=True)
+        finally:
+            scratch.unlink(missing_ok=True)
+        self.update_status(bestCheckpoint={"uri": f"{self.uri.rstrip('/')}/{BEST}", "score": score,
+                                           "step": trainer.global_step})
+
+    def load_best_model(self) -> dict[str, Any]:
+        return torch.load(self.path / BEST, map_location="cpu", weights_only=True)
+
+    def has_best_model(self) -> bool:
+        return self.local.exists(BEST)
+
+    def find_resume_point(self) -> Path | None:
+        """The newest checkpoint that matches its sha256 and loads; bad ones are skipped loudly."""
+        for name in RESUME_POINTS:
+            try:
+                if self.remote is not None:
+                    self.remote.get_file(name, self.path / name, verify=True)
+                    self.local.write_text(name + ".sha256", self.remote.sha256_of(name) + "\n")
+                elif not self.local.exists(name):
+                    continue
+                self.local.verify(name)
+                torch.load(self.path / name, map_location="cpu", weights_only=True, mmap=True)
+                return self.path / name
+            except ObjectNotFound:
+                continue
+            except ChecksumMismatch as error:
+                self.warn(f"skipping checkpoint {name}: {error}")
+            except Exception as error:  # a checkpoint that does not load is as bad as a corrupt one
+                self.warn(f"skipping checkpoint {name}: it does not load ({type(error).__name__}: {error})")
+        return None
+
+    def has_resume_point(self) -> bool:
+        stores = [self.remote] if self.remote is not None else [self.local]
+        return any(store.exists(name) for store in stores for name in RESUME_POINTS)
+
+    def drop_resume_points(self) -> None:
+        """A finished run keeps model.ckpt only, as AutoMM does."""
+        for store in filter(None, (self.local, self.remote)):
+            for name in RESUME_POINTS:
+                store.delete(name)
+
+
+def open_run_directory(uri: str, scratch: str | os.PathLike | None = None) -> RunDirectory:
+    """A local URI is trained in place; a remote one through a local scratch directory."""
+    store = open_store(uri)
+    local = store.local_path("")
+    if local is not None:
+        return RunDirectory(local)
+    if scratch is None:
+        raise ValueError(f"{uri}: a remote run directory needs a local scratch directory")
+    run_dir = RunDirectory(scratch, remote=store)
+    run_dir.fetch()
+    return run_dir

@@ -1,0 +1,334 @@
+"""The storage contract, run against a local directory and a real (in-process moto) S3 server."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+
+import pytest
+
+from kontinue.storage import (
+    ChecksumMismatch,
+    LocalStore,
+    ObjectNotFound,
+    S3Config,
+    S3Store,
+    StorageError,
+    open_store,
+)
+
+MiB = 1 << 20
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request):
+    """Each backend, one level below its root so key <-> path/object-name mapping is exercised."""
+    return request.getfixturevalue(f"{request.param}_store").child("run-1")
+
+
+def overwrite_behind_the_store(store, key: str, data: bytes) -> None:
+    if path := store.local_path(key):
+        path.write_bytes(data)
+    else:
+        store.client.put_object(store.bucket, f"{store.prefix}/{key}", io.BytesIO(data), len(data))
+
+
+def read_behind_the_store(store, key: str) -> bytes:
+    if isinstance(store, LocalStore):
+        return (store.root / key).read_bytes()
+    return store.client.get_object(store.bucket, f"{store.prefix}/{key}").read()
+
+
+def keys(store, prefix: str = "") -> list[str]:
+    return [info.key for info in store.list(prefix)]
+
+
+class Exploding:
+    """A stream of ``size`` bytes that fails after ``fail_at`` bytes, calling ``during`` first."""
+
+    def __init__(self, size: int, fail_at: int, during):
+        self.size, self.fail_at, self.during, self.pos = size, fail_at, during, 0
+
+    def read(self, n: int = -1) -> bytes:
+        if self.pos >= self.fail_at:
+            self.during()
+            raise RuntimeError("boom")
+        n = min(self.fail_at - self.pos, self.size if n < 0 else n)
+        self.pos += n
+        return b"x" * n
+
+
+def test_bytes_and_text_round_trip(store):
+    info = store.put_bytes("a/b.bin", b"\x00\x01payload")
+    assert (info.key, info.size, info.sha256) == ("a/b.bin", 9, None)
+    assert info.modified > 0
+    assert store.get_bytes("a/b.bin") == b"\x00\x01payload"
+    store.put_bytes("a/b.bin", b"v2")
+    assert store.get_bytes("a/b.bin") == b"v2"
+    store.write_text("notes.txt", "grüße ✓\n")
+    assert store.read_text("notes.txt") == "grüße ✓\n"
+
+
+def test_file_round_trip(store, tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(100_000))
+    assert store.put_file("ckpt/model.bin", src).size == 100_000
+    dest = tmp_path / "down" / "deeper" / "model.bin"
+    info = store.get_file("ckpt/model.bin", dest)
+    assert dest.read_bytes() == src.read_bytes()
+    assert (info.key, info.size) == ("ckpt/model.bin", 100_000)
+    assert os.listdir(dest.parent) == ["model.bin"]  # no temp left behind
+
+
+def test_list_exists_stat_delete(store):
+    for key in ["top", "dir/b", "dir/sub/c", "dirx/d"]:
+        store.put_bytes(key, key.encode())
+    assert keys(store) == ["dir/b", "dir/sub/c", "dirx/d", "top"]
+    assert keys(store, "dir/") == ["dir/b", "dir/sub/c"]
+    assert keys(store, "dir") == ["dir/b", "dir/sub/c", "dirx/d"]
+    assert keys(store, "nothing/") == []
+    assert store.exists("dir/sub/c") and not store.exists("dir/sub") and not store.exists("nope")
+    assert store.stat("dir/sub/c").size == len("dir/sub/c")
+
+    with pytest.raises(ObjectNotFound, match="nope") as missing:
+        store.stat("nope")
+    assert isinstance(missing.value, FileNotFoundError) and store.uri in str(missing.value)
+    with pytest.raises(ObjectNotFound):
+        store.get_bytes("dir/nope")
+
+    store.delete("dir/b")
+    store.delete("dir/b")  # missing is fine
+    assert keys(store) == ["dir/sub/c", "dirx/d", "top"]
+
+
+def test_move_carries_the_sidecar(store):
+    store.put_bytes("staging/ckpt", b"weights", checksum=True)
+    store.put_bytes("final/ckpt", b"old", checksum=True)
+    store.move("staging/ckpt", "final/ckpt")
+    assert keys(store) == ["final/ckpt"]
+    assert store.get_bytes("final/ckpt") == b"weights"
+    assert store.sha256_of("final/ckpt") == hashlib.sha256(b"weights").hexdigest()
+
+    store.put_bytes("plain", b"no digest")
+    store.move("plain", "final/ckpt")  # the stale digest must not survive
+    assert store.sha256_of("final/ckpt") is None
+
+    store.move("final/ckpt", "final/ckpt")
+    assert store.get_bytes("final/ckpt") == b"no digest"
+    with pytest.raises(ObjectNotFound):
+        store.move("missing", "elsewhere")
+
+
+def test_child(store):
+    sub = store.child("a", "b/c")
+    assert sub.uri == store.uri + "/a/b/c"
+    sub.put_bytes("x", b"1")
+    assert keys(store) == ["a/b/c/x"]
+    assert keys(sub) == ["x"]
+    assert store.child().uri == store.uri
+
+
+@pytest.mark.parametrize("key", ["", "/abs", "a/../b", "a//b", "./a", "a/", "ckpt.sha256"])
+def test_invalid_keys(store, key):
+    with pytest.raises(StorageError, match="invalid storage key"):
+        store.put_bytes(key, b"x")
+
+
+def test_checksum_sidecar(store, tmp_path):
+    src = tmp_path / "model.bin"
+    src.write_bytes(os.urandom(50_000))
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+
+    assert store.put_file("model.bin", src, checksum=True).sha256 == digest
+    assert read_behind_the_store(store, "model.bin.sha256") == f"{digest}\n".encode()
+    assert store.sha256_of("model.bin") == digest
+    assert store.stat("model.bin").sha256 == digest
+    [listed] = store.list()  # the sidecar is folded into its object
+    assert (listed.key, listed.sha256) == ("model.bin", digest)
+    assert store.get_file("model.bin", tmp_path / "out.bin", verify=True).sha256 == digest
+
+    store.put_file("model.bin", src)  # rewritten without a checksum: no stale digest
+    assert store.sha256_of("model.bin") is None
+
+
+def test_corrupted_object_raises_checksum_mismatch(store, tmp_path):
+    store.put_bytes("model.bin", b"good weights", checksum=True)
+    overwrite_behind_the_store(store, "model.bin", b"bad weights!")
+    dest = tmp_path / "dl" / "model.bin"
+    dest.parent.mkdir()
+    dest.write_bytes(b"previous")
+    with pytest.raises(ChecksumMismatch, match="model.bin"):
+        store.get_file("model.bin", dest, verify=True)
+    assert dest.read_bytes() == b"previous"
+    assert os.listdir(dest.parent) == ["model.bin"]  # the bad temp download is gone
+    store.get_file("model.bin", dest)  # without verify the bytes are taken as they are
+    assert dest.read_bytes() == b"bad weights!"
+
+
+def test_verify_without_sidecar_raises(store, tmp_path):
+    store.put_bytes("model.bin", b"weights")
+    with pytest.raises(ChecksumMismatch, match=r"model\.bin\.sha256 is missing"):
+        store.get_file("model.bin", tmp_path / "model.bin", verify=True)
+    assert not (tmp_path / "model.bin").exists()
+
+
+def test_failed_write_leaves_no_partial_object(store):
+    """Fails after two 5 MiB parts went out (multipart on S3); the key must keep its old bytes throughout."""
+    if isinstance(store, S3Store):
+        store.part_size = 5 * MiB
+    store.put_bytes("ckpt", b"old")
+
+    def visible_state():
+        assert keys(store) == ["ckpt"]
+        assert store.get_bytes("ckpt") == b"old"
+
+    for key in ["ckpt", "fresh"]:
+        stream = Exploding(12 * MiB, fail_at=11 * MiB, during=visible_state)
+        with pytest.raises(RuntimeError, match="boom"):
+            store._write(key, stream, 12 * MiB)
+        assert stream.pos == 11 * MiB
+        visible_state()
+    if isinstance(store, LocalStore):
+        assert os.listdir(store.root) == ["ckpt"]  # no stray temp file
+
+
+def test_multipart_round_trip(store, tmp_path):
+    if isinstance(store, S3Store):
+        store.part_size = 5 * MiB
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(12 * MiB))
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+
+    info = store.put_file("big.bin", src, checksum=True)
+    assert (info.size, info.sha256) == (12 * MiB, digest)
+    if isinstance(store, S3Store):  # a multipart object's ETag ends in -<number of parts>
+        etag = store.client.stat_object(store.bucket, f"{store.prefix}/big.bin").etag
+        assert etag.endswith("-3")
+    out = tmp_path / "out.bin"
+    assert store.get_file("big.bin", out, verify=True).sha256 == digest
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == digest
+
+
+def test_sync_up_and_down(store, tmp_path):
+    up = tmp_path / "up"
+    files = {"metadata.json": b"{}", "dump/model.safetensors": b"w" * 1000, "dump/a/b/c.txt": b"deep"}
+    for rel, data in files.items():
+        (up / rel).parent.mkdir(parents=True, exist_ok=True)
+        (up / rel).write_bytes(data)
+    for rel in ["dump/x.tmp", "dump/y.tmp.123", "dump/ckpt.tmp/part"]:  # temporaries are skipped
+        (up / rel).parent.mkdir(parents=True, exist_ok=True)
+        (up / rel).write_bytes(b"partial")
+
+    uploaded = store.sync_up(up, "runs/7", checksum=True)
+    assert sorted(i.key for i in uploaded) == sorted(f"runs/7/{rel}" for rel in files)
+    assert keys(store) == sorted(f"runs/7/{rel}" for rel in files)
+
+    down = tmp_path / "down"
+    store.sync_down(down, "runs/7/", verify=True)
+    got = {p.relative_to(down).as_posix(): p.read_bytes() for p in down.rglob("*") if p.is_file()}
+    assert got == files
+
+    dump = tmp_path / "dump-only"
+    store.sync_down(dump, "runs/7/dump")
+    assert sorted(p.relative_to(dump).as_posix() for p in dump.rglob("*") if p.is_file()) == [
+        "a/b/c.txt", "model.safetensors"]
+
+
+def test_local_path(local_store, s3_store):
+    assert local_store.local_path("a/b") == local_store.root / "a" / "b"
+    assert s3_store.local_path("a/b") is None
+
+
+def test_open_store_local_uris(tmp_path, monkeypatch):
+    assert open_store(tmp_path.as_uri()).root == tmp_path
+    assert open_store(str(tmp_path)).uri == tmp_path.as_uri()
+    spaced = tmp_path / "with space"
+    assert open_store(spaced.as_uri()).root == spaced
+    monkeypatch.chdir(tmp_path)
+    store = open_store("rel/dir")
+    assert isinstance(store, LocalStore) and store.root == tmp_path / "rel" / "dir"
+
+
+def test_open_store_s3_uri_does_no_io(s3_server):
+    store = open_store("s3://no-such-bucket/runs/7/", environ=s3_server.environ)
+    assert isinstance(store, S3Store)
+    assert (store.bucket, store.prefix, store.uri) == ("no-such-bucket", "runs/7", "s3://no-such-bucket/runs/7")
+    assert open_store("s3://bkt", environ=s3_server.environ).uri == "s3://bkt"
+    with pytest.raises(StorageError, match="does not exist.*ensure_bucket"):
+        store.put_bytes("x", b"1")
+
+
+@pytest.mark.parametrize("uri", ["gs://bucket/x", "s3:///no-bucket", "file://otherhost/x"])
+def test_open_store_rejects_unknown_uris(uri):
+    with pytest.raises(StorageError, match="unsupported storage URI") as err:
+        open_store(uri, environ={})
+    assert uri in str(err.value)
+
+
+def test_ensure_bucket_is_idempotent(s3_server):
+    store = open_store("s3://made-by-ensure/p", environ=s3_server.environ)
+    store.ensure_bucket()
+    store.ensure_bucket()
+    store.put_bytes("k", b"v")
+    assert keys(store) == ["k"]
+
+
+SECRET = "wJalrXUtnFEMI-very-secret"
+
+
+@pytest.mark.parametrize(
+    ("env", "endpoint", "secure"),
+    [
+        ({"KONTINUE_S3_ENDPOINT": "minio.kontinue:9000"}, "minio.kontinue:9000", True),
+        ({"KONTINUE_S3_ENDPOINT": "http://127.0.0.1:9000"}, "127.0.0.1:9000", False),
+        ({"KONTINUE_S3_ENDPOINT": "https://s3.example.com/"}, "s3.example.com", True),
+        ({"KONTINUE_S3_ENDPOINT": "http://h:1", "KONTINUE_S3_SECURE": "TRUE"}, "h:1", True),
+        ({"KONTINUE_S3_ENDPOINT": "h:1", "KONTINUE_S3_SECURE": "false"}, "h:1", False),
+    ],
+)
+def test_s3_config_endpoint(env, endpoint, secure):
+    config = S3Config.from_environ({**env, "KONTINUE_S3_ACCESS_KEY": "ak", "KONTINUE_S3_SECRET_KEY": SECRET})
+    assert (config.endpoint, config.secure, config.access_key, config.secret_key) == (endpoint, secure, "ak", SECRET)
+
+
+def test_s3_config_falls_back_to_aws_variables():
+    config = S3Config.from_environ({
+        "AWS_ENDPOINT_URL": "http://aws:1", "AWS_ACCESS_KEY_ID": "ak", "AWS_SECRET_ACCESS_KEY": SECRET,
+        "KONTINUE_S3_ACCESS_KEY": "", "KONTINUE_S3_REGION": "eu-west-1",
+    })
+    assert (config.endpoint, config.access_key, config.secret_key, config.region) == ("aws:1", "ak", SECRET, "eu-west-1")
+
+
+@pytest.mark.parametrize("missing", ["KONTINUE_S3_ENDPOINT", "KONTINUE_S3_ACCESS_KEY", "KONTINUE_S3_SECRET_KEY"])
+def test_missing_setting_names_the_variable_not_the_secret(missing):
+    env = {"KONTINUE_S3_ENDPOINT": "h:1", "KONTINUE_S3_ACCESS_KEY": "ak", "KONTINUE_S3_SECRET_KEY": SECRET}
+    del env[missing]
+    with pytest.raises(StorageError, match=missing) as err:
+        open_store("s3://bucket/prefix", environ=env)
+    assert SECRET not in str(err.value) and SECRET not in repr(err.value)
+
+
+@pytest.mark.parametrize("env", [
+    {"KONTINUE_S3_ENDPOINT": f"http://user:{SECRET}@h:1"},
+    {"KONTINUE_S3_ENDPOINT": "ftp://h:1"},
+    {"KONTINUE_S3_ENDPOINT": "h:1", "KONTINUE_S3_SECURE": "maybe"},
+])
+def test_bad_s3_settings(env):
+    with pytest.raises(StorageError, match="KONTINUE_S3_") as err:
+        S3Config.from_environ({"KONTINUE_S3_ACCESS_KEY": "ak", "KONTINUE_S3_SECRET_KEY": SECRET, **env})
+    assert SECRET not in str(err.value)
+
+
+def test_credentials_in_uri_are_refused_without_echo():
+    with pytest.raises(StorageError, match="must not contain credentials") as err:
+        open_store(f"s3://ak:{SECRET}@bucket/x", environ={})
+    assert SECRET not in str(err.value)
+
+
+def test_secrets_stay_out_of_reprs(s3_server):
+    config = S3Config("h:1", "AKIA-ACCESS", SECRET, secure=False)
+    assert repr(config) == "S3Config(endpoint='h:1', secure=False, region=None)"
+    store = open_store("s3://bucket/p", environ=s3_server.environ)
+    for text in (repr(store), str(store), repr(store.config)):
+        assert s3_server.secret_key not in text and s3_server.access_key not in text
