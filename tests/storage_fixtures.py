@@ -6,6 +6,7 @@ Registered from tests/conftest.py with ``pytest_plugins = ["tests.storage_fixtur
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass, field
 
 import pytest
@@ -50,6 +51,7 @@ class S3Server:
 
 @pytest.fixture(scope="session")
 def s3_server():
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request drowns test output
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

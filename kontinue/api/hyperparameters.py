@@ -6,6 +6,7 @@ trainer (defaults), so a key the trainer does not know can never be accepted.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -118,7 +119,9 @@ def validate_hyperparameters(hyperparameters: dict[str, Any] | None) -> dict[str
     merged = {key: spec.default for key, spec in HYPERPARAMETERS.items()}
     for key, value in (hyperparameters or {}).items():
         if key not in HYPERPARAMETERS:
-            raise HyperparameterError(key, f"unknown hyperparameter; known keys: {sorted(HYPERPARAMETERS)}")
+            close = difflib.get_close_matches(key, HYPERPARAMETERS, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {sorted(HYPERPARAMETERS)}"
+            raise HyperparameterError(key, f"unknown hyperparameter; {hint}")
         problem = HYPERPARAMETERS[key].check(value)
         if problem:
             raise HyperparameterError(key, problem)

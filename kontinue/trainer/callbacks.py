@@ -11,6 +11,8 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from kontinue.trainer.rundir import now
+
 if TYPE_CHECKING:
     from kontinue.trainer.rundir import RunDirectory
 
@@ -87,6 +89,8 @@ class ResumePoints(pl.Callback):
         # Installed after Lightning's own handlers so a stop never aborts a step or a validation.
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
+        if trainer.ckpt_path is None:  # the starting weights are state too (pretrained or continued)
+            self._save(trainer)
         self._last_save = time.monotonic()
 
     def _restore_handlers(self) -> None:
@@ -173,7 +177,25 @@ class StatusReporter(pl.Callback):
             self._last_write = time.monotonic()
 
     def on_train_start(self, trainer, pl_module) -> None:
+        """Each attempt is recorded with the steps it trained, so recomputed steps would show."""
+        attempts = self.run_dir.status.setdefault("attempts", [])
+        attempts.append({"started": now(), "fromStep": trainer.global_step})
         self._report(trainer, pl_module, phase="Running")
+
+    def _end_attempt(self, trainer, pl_module, outcome: str, phase: str) -> None:
+        attempts = self.run_dir.status.get("attempts")
+        if attempts:
+            attempts[-1].update(ended=now(), toStep=trainer.global_step, outcome=outcome)
+        self._report(trainer, pl_module, phase=phase)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._end_attempt(trainer, pl_module, "completed", "Running")
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if isinstance(exception, Preempted):
+            self._end_attempt(trainer, pl_module, "preempted", "Preempted")
+        else:
+            self._end_attempt(trainer, pl_module, f"failed: {type(exception).__name__}: {exception}", "Failed")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if time.monotonic() - self._last_write >= self.every_n_seconds:

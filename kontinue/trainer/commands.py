@@ -1,2 +1,80 @@
-def register(subparsers):
-    pass
+"""`kontinue train` (what trainer pods run) and `kontinue run` (the same on this machine)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from kontinue.api.manifests import SpecError, load_manifest
+from kontinue.api.models import TrainingRun
+
+DEFAULT_STORE = ".kontinue"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser("train", help="run one attempt of a TrainingRun (trainer pods run this)")
+    train.add_argument("--spec", required=True, help="TrainingRun manifest (YAML or JSON)")
+    train.add_argument("--run-dir", required=True, help="run directory URI (s3://..., file://... or a path)")
+    train.add_argument("--scratch", default=os.environ.get("KONTINUE_SCRATCH"),
+                       help="local working directory (default: a temporary directory)")
+    train.set_defaults(func=_train)
+
+    run = subparsers.add_parser("run", help="train a TrainingRun manifest on this machine; rerun to resume")
+    run.add_argument("manifest", help="TrainingRun manifest")
+    run.add_argument("--store", default=DEFAULT_STORE,
+                     help=f"where run directories live (default: ./{DEFAULT_STORE}/)")
+    run.set_defaults(func=_run)
+
+
+def _load(path: str) -> TrainingRun | None:
+    try:
+        run = load_manifest(Path(path))
+    except SpecError as error:
+        print(f"{path}: {error}", file=sys.stderr)
+        return None
+    if not isinstance(run, TrainingRun):
+        print(f"{path}: expected a TrainingRun, got {run.kind}", file=sys.stderr)
+        return None
+    return run
+
+
+def _train(args: argparse.Namespace) -> int:
+    from kontinue.trainer.runner import run_training, write_termination_message
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run = _load(args.spec)
+    if run is None:
+        return 2
+    outcome = run_training(run, args.run_dir, scratch=args.scratch)
+    write_termination_message(outcome)
+    print(json.dumps(outcome.__dict__))
+    return outcome.exit_code
+
+
+def _run(args: argparse.Namespace) -> int:
+    from kontinue.trainer.runner import run_training
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kontinue").setLevel(logging.INFO)
+    run = _load(args.manifest)
+    if run is None:
+        return 2
+    namespace = run.metadata.namespace or "default"
+    run_dir = f"{args.store.rstrip('/')}/{namespace}/{run.metadata.name}"
+    outcome = run_training(run, run_dir, progress_bar=True)
+    if outcome.result == "preempted":
+        print(f"\nStopped at step {outcome.step}; the state is saved in {outcome.run_dir}.\n"
+              f"Run the same command again to resume.")
+        return outcome.exit_code
+    print(f"\nTraining finished. Run directory: {outcome.run_dir}")
+    for title, scores in (("validation", outcome.scores), ("test", outcome.test_scores)):
+        if scores:
+            print(f"  {title}: " + ", ".join(f"{name}={value:.4f}" for name, value in scores.items()))
+    print(f"  best model: {outcome.model}")
+    if outcome.dump:
+        print(f"  dumped backbones: {outcome.dump}")
+    return 0

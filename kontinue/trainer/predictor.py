@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import math
 import shutil
@@ -84,39 +85,50 @@ class Predictor:
         train_data, tuning_data = as_table(train_data), as_table(tuning_data)
         if self._resume:
             return self._fit_resumed(train_data, tuning_data, time_limit)
-        if self._module is not None:  # AutoMM use case 1: keep training a fitted predictor
-            log.info("continuing from the fitted weights of %s into a new path", self.path)
-            self._run_dir = RunDirectory(_default_path())
-        elif self.run_dir.read_metadata() is not None:
-            raise ValueError(f"path: {self.path} already holds a predictor; use Predictor.load(path, "
-                             "resume=True) to continue it, or choose a new path")
+        continuing = self._module is not None  # AutoMM use case 1: keep training a fitted predictor
+        if self.run_dir.read_metadata() is not None:
+            if continuing:
+                log.info("continuing from the fitted weights of %s into a new path", self.path)
+                self._run_dir = RunDirectory(_default_path())
+            elif self.run_dir.has_resume_point() or self.run_dir.has_best_model():
+                raise ValueError(f"path: {self.path} already holds a predictor; use Predictor.load(path, "
+                                 "resume=True) to continue it, or choose a new path")
+            else:
+                log.info("%s holds a run that never saved a step; starting it over", self.path)
         if self.label is None:
             raise ValueError("label: the predictor needs the name of the label column")
-        hp = validate_hyperparameters({**self.hyperparameters, **(hyperparameters or {})})
+        base = self._metadata["hyperparameters"] if continuing else self.hyperparameters
+        hp = validate_hyperparameters({**base, **(hyperparameters or {})})
         pl.seed_everything(seed, workers=True, verbose=False)
-        problem = Problem.from_data(self.label, train_data, self.problem_type, self.eval_metric)
-        continued = self._module
-        backbones = {prefix: create_backbone(prefix, hp) for prefix in hp["model.names"]}
-        columns = {prefix: backbone.columns(train_data, self.label) for prefix, backbone in backbones.items()}
-        for prefix, backbone in backbones.items():
-            backbone.text_columns = columns[prefix]
+        if continuing:
+            problem, module, columns = self.problem, self._module, self._metadata["columns"]
+            problem.encode(train_data[self.label])  # the classes must be the ones it was trained on
+            module.hyperparameters = hp
+        else:
+            problem = Problem.from_data(self.label, train_data, self.problem_type, self.eval_metric)
+            backbones = {prefix: create_backbone(prefix, hp) for prefix in hp["model.names"]}
+            columns = {prefix: backbone.columns(train_data, self.label) for prefix, backbone in backbones.items()}
+            for prefix, backbone in backbones.items():
+                backbone.text_columns = columns[prefix]
+            module = PredictorModule(backbones, problem, hp)
         if tuning_data is None:
             tuning_data = train_data.sample(frac=holdout_frac, random_state=seed)
             train_data = train_data.drop(tuning_data.index)
-        self._problem = problem
+        self._problem, self._module = problem, module
         self._metadata = {
             "version": FORMAT_VERSION, "label": self.label, "problem": problem.to_dict(),
             "hyperparameters": hp, "columns": columns, "seed": seed, "time_limit": time_limit,
             "holdout_frac": holdout_frac, "data_fingerprint": table_fingerprint(train_data), "created": now(),
         }
-        self._module = PredictorModule(backbones, problem, hp)
-        if continued is not None:
-            self._module.load_state_dict(continued.state_dict())
-        for prefix, backbone in backbones.items():
+        for prefix, backbone in module.backbones.items():
             backbone.save_assets(self.run_dir.path / "assets" / prefix)
         self.run_dir.write_metadata(self._metadata)
         self.run_dir.update_status(phase="Pending", started=now())
         return self._train(train_data, tuning_data, time_limit, ckpt_path=None)
+
+    def use_run_directory(self, run_dir: RunDirectory) -> None:
+        """Where the next fit writes: a TrainingRun's run directory instead of a path."""
+        self._run_dir = run_dir
 
     def _fit_resumed(self, train_data, tuning_data, time_limit) -> "Predictor":
         metadata = self._metadata
@@ -126,13 +138,13 @@ class Predictor:
         if table_fingerprint(train_data) != metadata["data_fingerprint"]:
             self.run_dir.warn("the training data differs from the data this run started with; "
                               "the resumed run will not match an uninterrupted one")
-        ckpt_path = self.run_dir.find_resume_point()
-        if ckpt_path is None and self.run_dir.status.get("lastCheckpoint"):
-            self.run_dir.warn("no valid checkpoint is left; training restarts from the first step")
-        elif ckpt_path is None:
-            log.info("no checkpoint yet: starting the run from its first step")
-        pl.seed_everything(metadata["seed"], workers=True, verbose=False)
         self._resume = False
+        ckpt_path = self.run_dir.find_resume_point()
+        if ckpt_path is None:
+            raise FileNotFoundError(
+                f"path: no valid checkpoint is left in {self.run_dir.uri} (see the warnings in status.json); "
+                "refusing to silently restart from the first step. Start a new run to train from scratch.")
+        pl.seed_everything(metadata["seed"], workers=True, verbose=False)
         return self._train(train_data, tuning_data, time_limit or metadata["time_limit"], ckpt_path=ckpt_path)
 
     def _train(self, train_data, tuning_data, time_limit, ckpt_path) -> "Predictor":
@@ -175,6 +187,7 @@ class Predictor:
 
     def _finish(self, trainer: pl.Trainer, val_loader: DataLoader) -> None:
         run_dir, module = self.run_dir, self._module
+        final = {"step": trainer.global_step, "sha256": state_fingerprint(module, trainer.optimizers)}
         if not run_dir.has_best_model():  # stopped by the time limit before any validation
             trainer.validate(module, val_loader, verbose=False)
         best = run_dir.load_best_model()
@@ -182,8 +195,8 @@ class Predictor:
         run_dir.drop_resume_points()
         self.fit_summary = {"best_score": best["score"], "best_step": best["step"],
                             "eval_metric": self.problem.eval_metric, "steps": trainer.global_step}
-        run_dir.update_status(phase="Succeeded", step=trainer.global_step, finished=now(),
-                              bestScore=best["score"], metrics=module.last_validation)
+        run_dir.update_status(phase="Succeeded", step=trainer.global_step, finished=now(), finalState=final,
+                              bestScore=best["score"], metrics=best["metrics"])
 
     def _progress_bar(self) -> bool:
         return self.verbosity >= 2 if self.enable_progress_bar is None else self.enable_progress_bar
@@ -300,6 +313,26 @@ class Predictor:
             self.run_dir.remote.sync_up(target, "dump")
         self.run_dir.update_status(dumpedModel=f"{self.run_dir.uri.rstrip('/')}/dump")
         return str(target)
+
+
+def state_fingerprint(module: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> str:
+    """sha256 of the trained weights and optimizer state: equal only if the runs ended bit-identical."""
+    digest = hashlib.sha256()
+
+    def feed(name: str, value: Any) -> None:
+        digest.update(name.encode())
+        if isinstance(value, torch.Tensor):
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                feed(f"{name}.{key}", value[key])
+        else:
+            digest.update(repr(value).encode())
+
+    feed("model", module.state_dict())
+    for index, optimizer in enumerate(optimizers):
+        feed(f"optimizer{index}", optimizer.state_dict()["state"])
+    return digest.hexdigest()
 
 
 def _devices(hp: dict[str, Any]) -> tuple[str, int | str, str, str]:

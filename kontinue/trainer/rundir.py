@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from kontinue.storage import ChecksumMismatch, ObjectNotFound, Store, open_store
+from kontinue.storage import ChecksumMismatch, LocalStore, ObjectNotFound, Store, open_store
 
 log = logging.getLogger("kontinue.trainer")
 
@@ -113,7 +113,8 @@ class RunDirectory:
         if not trainer.is_global_zero:
             return
         scratch = self.path / f"{BEST}.tmp-{os.getpid()}"
-        torch.save({"state_dict": module.state_dict(), "score": score, "step": trainer.global_step}, scratch)
+        torch.save({"state_dict": module.state_dict(), "score": score, "step": trainer.global_step,
+                    "metrics": dict(module.last_validation)}, scratch)
         try:
             self.local.put_file(BEST, scratch, checksum=True)
             self.publish(BEST, checksum=True)
@@ -129,23 +130,30 @@ class RunDirectory:
         return self.local.exists(BEST)
 
     def find_resume_point(self) -> Path | None:
-        """The newest checkpoint that matches its sha256 and loads; bad ones are skipped loudly."""
+        """The newest checkpoint that matches its sha256 and loads; bad ones are skipped loudly.
+
+        Storage that cannot be reached is an error, not a bad checkpoint: the attempt fails and
+        is retried rather than falling back to an older state.
+        """
         for name in RESUME_POINTS:
             try:
                 if self.remote is not None:
                     self.remote.get_file(name, self.path / name, verify=True)
-                    self.local.write_text(name + ".sha256", self.remote.sha256_of(name) + "\n")
-                elif not self.local.exists(name):
+                elif self.local.exists(name):
+                    self.local.verify(name)
+                else:
                     continue
-                self.local.verify(name)
-                torch.load(self.path / name, map_location="cpu", weights_only=True, mmap=True)
-                return self.path / name
             except ObjectNotFound:
                 continue
             except ChecksumMismatch as error:
                 self.warn(f"skipping checkpoint {name}: {error}")
-            except Exception as error:  # a checkpoint that does not load is as bad as a corrupt one
+                continue
+            try:
+                torch.load(self.path / name, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as error:  # truncated, not a checkpoint, or holding more than tensors
                 self.warn(f"skipping checkpoint {name}: it does not load ({type(error).__name__}: {error})")
+                continue
+            return self.path / name
         return None
 
     def has_resume_point(self) -> bool:
@@ -154,6 +162,7 @@ class RunDirectory:
 
     def drop_resume_points(self) -> None:
         """A finished run keeps model.ckpt only, as AutoMM does."""
+        self.status.pop("lastCheckpoint", None)
         for store in filter(None, (self.local, self.remote)):
             for name in RESUME_POINTS:
                 store.delete(name)
@@ -162,9 +171,8 @@ class RunDirectory:
 def open_run_directory(uri: str, scratch: str | os.PathLike | None = None) -> RunDirectory:
     """A local URI is trained in place; a remote one through a local scratch directory."""
     store = open_store(uri)
-    local = store.local_path("")
-    if local is not None:
-        return RunDirectory(local)
+    if isinstance(store, LocalStore):
+        return RunDirectory(store.root)
     if scratch is None:
         raise ValueError(f"{uri}: a remote run directory needs a local scratch directory")
     run_dir = RunDirectory(scratch, remote=store)

@@ -1,0 +1,407 @@
+"""Pydantic models of the TrainingRun and TransferRun resources: the single source of truth.
+
+The CRDs in `crds/` are generated from these classes (`kontinue crds`), so every field's
+`description` is what `kubectl explain` shows, and every cross-field rule is written once as a
+`Rule`: as CEL for the API server and as a Python check for pydantic.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any, Callable, ClassVar, Literal, get_args
+
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema,
+                      field_validator, model_validator)
+from pydantic.alias_generators import to_camel
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from kontinue.api.hyperparameters import hyperparameter_problems
+
+GROUP = "kontinue.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+Backbone = Literal["hf_text", "timm_image", "mmdet_image"]  # AutoMM prefixes, in AutoMM's order
+BACKBONES: tuple[str, ...] = get_args(Backbone)
+
+
+def _errors(errors: list[tuple[tuple, str, str, Any]]) -> ValidationError:
+    """Several errors at once, each at its own location (pydantic prefixes the parent's)."""
+    return ValidationError.from_exception_data("kontinue", [
+        InitErrorDetails(type=PydanticCustomError(kind, message), loc=loc, input=value)
+        for loc, kind, message, value in errors])
+
+
+def _string(regex: str, expected: str, **schema: Any) -> Any:
+    """A str checked against `regex` (and minLength) with a readable message; both go into the CRD."""
+    compiled = re.compile(regex)
+
+    def check(value: Any) -> Any:
+        if isinstance(value, str) and (not compiled.fullmatch(value) or len(value) < schema.get("minLength", 0)):
+            raise PydanticCustomError("pattern", f"must be {expected}")
+        return value
+    return Annotated[str, BeforeValidator(check),
+                     WithJsonSchema({"type": "string", "pattern": regex, **schema})]
+
+
+_BUCKET = r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]"
+DataUri = _string(rf"^({_BUCKET}/|file:///|/).+\.(parquet|pq|csv)$",
+                  "s3://bucket/key, file:///path or /absolute/path ending in .parquet, .pq or .csv")
+DirectoryUri = _string(rf"^({_BUCKET}(/.*)?|file:///.*|/.*)$",
+                       "s3://bucket[/prefix], file:///path or /absolute/path")
+# minLength 2 rules out "" without a lookahead (RE2, which the API server uses, has none).
+Duration = _string(r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$", 'a duration such as "90s", "30m" or "1h30m"',
+                   minLength=2)
+_QUANTITY = (r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]"
+             r"|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
+
+
+def _quantity(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or (
+            isinstance(value, str) and not re.fullmatch(_QUANTITY, value)):
+        raise PydanticCustomError("quantity", 'must be a Kubernetes quantity such as 2, "500m" or "16Gi"')
+    return value
+
+
+Quantity = Annotated[int | str, BeforeValidator(_quantity), WithJsonSchema(
+    {"anyOf": [{"type": "integer"}, {"type": "string"}], "pattern": _QUANTITY,
+     "x-kubernetes-int-or-string": True})]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A cross-field rule, written once as CEL (API server) and once in Python (pydantic)."""
+    cel: str
+    message: str
+    holds: Callable[[Any], bool]
+
+
+def _exactly_one(*values: Any) -> bool:
+    return sum(value is not None for value in values) == 1
+
+
+def _add_rules(schema: dict[str, Any], cls: type) -> None:
+    if cls.rules:
+        schema["x-kubernetes-validations"] = [{"rule": r.cel, "message": r.message} for r in cls.rules]
+
+
+class _Model(BaseModel):
+    """Spec objects: camelCase keys only and unknown keys refused, exactly like the CRD."""
+    model_config = ConfigDict(alias_generator=to_camel, extra="forbid", serialize_by_alias=True,
+                              json_schema_extra=_add_rules)
+    rules: ClassVar[tuple[Rule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> Any:
+        broken = [r.message for r in self.rules if not r.holds(self)]
+        if broken:
+            raise _errors([((), "rule", message, None) for message in broken])
+        return self
+
+
+class _Status(_Model):
+    """Status objects: written by the operator, which may use snake_case names; extra keys are
+    ignored so a status written by another operator version still parses."""
+    model_config = ConfigDict(extra="ignore", validate_by_name=True, validate_by_alias=True)
+
+
+# ---------------------------------------------------------------------------------------- spec
+
+class TaskSpec(_Model):
+    """What to predict."""
+    label: str | None = Field(None, min_length=1, description=(
+        "Column holding the target. Required unless problemType is object_detection."))
+    problem_type: Literal["binary", "multiclass", "regression", "object_detection"] | None = Field(
+        None, description="Kind of problem; inferred from the label column when unset.")
+    eval_metric: Literal["acc", "accuracy", "f1", "roc_auc", "log_loss", "rmse", "mae", "r2",
+                         "pearsonr", "spearmanr", "map"] | None = Field(
+        None, description="Metric used for validation, early stopping and model selection.")
+    rules = (Rule("has(self.label) || (has(self.problemType) && self.problemType == 'object_detection')",
+                  "task.label is required unless task.problemType is object_detection",
+                  lambda t: t.label is not None or t.problem_type == "object_detection"),)
+
+
+class DataSpec(_Model):
+    """Tables to train on (parquet or csv, chosen by the file extension)."""
+    train: DataUri = Field(description="Training table: s3://bucket/key, file:///path or /path.")
+    validation: DataUri | None = Field(
+        None, description="Validation table; a split of train is held out when unset.")
+    test: DataUri | None = Field(None, description="Table scored once after training.")
+
+
+class HfTextSpec(_Model):
+    """A Hugging Face transformers text backbone."""
+    checkpoint: str = Field(min_length=1, description=(
+        "A transformers model name or a directory URI (for example a dump's hf_text/)."))
+    max_text_len: int | None = Field(None, ge=1, description="Tokens kept per text; longer texts are cut.")
+
+
+class BackboneSpec(_Model):
+    """An image backbone."""
+    checkpoint: str = Field(min_length=1, description=(
+        "An architecture or config name, or a directory URI (a dump's timm_image/ or mmdet_image/)."))
+
+
+class ModelSpec(_Model):
+    """Backbones to build; several are fused by an MLP head."""
+    hf_text: HfTextSpec | None = Field(None, description="Text backbone (model.hf_text in AutoMM).")
+    timm_image: BackboneSpec | None = Field(None, description="timm image backbone (model.timm_image).")
+    mmdet_image: BackboneSpec | None = Field(
+        None, description="MMDetection detector (model.mmdet_image), for object_detection.")
+    rules = (Rule("has(self.hfText) || has(self.timmImage) || has(self.mmdetImage)",
+                  "model needs at least one of hfText, timmImage or mmdetImage",
+                  lambda m: any(getattr(m, name) for name in BACKBONES)),)
+
+    def backbones(self) -> list[str]:
+        """AutoMM prefixes of the backbones given, in AutoMM's order."""
+        return [name for name in BACKBONES if getattr(self, name) is not None]
+
+
+class SecretRef(_Model):
+    """A Secret in the run's namespace."""
+    name: str = Field(min_length=1, description=(
+        "Secret name; its keys endpoint, accessKey, secretKey (and optionally region) configure S3."))
+
+
+class CheckpointSpec(_Model):
+    """Where and how often training state is saved; SIGTERM (preemption) always saves."""
+    storage: DirectoryUri = Field(description=(
+        "s3://bucket/prefix, file:///path or /path on a mounted volume; the run directory is "
+        "<storage>/<namespace>/<name>/."))
+    secret_ref: SecretRef | None = Field(None, description="S3 endpoint and credentials; required for s3://.")
+    interval_steps: int | None = Field(None, ge=1, description="Also save every this many optimizer steps.")
+    interval_minutes: float | None = Field(None, gt=0, description="Also save at least this often (minutes).")
+    rules = (Rule("!self.storage.startsWith('s3://') || has(self.secretRef)",
+                  "checkpoint.secretRef is required when checkpoint.storage is an s3:// URI",
+                  lambda c: not c.storage.startswith("s3://") or c.secret_ref is not None),)
+
+
+class Toleration(_Model):
+    """A Kubernetes toleration for the trainer pod."""
+    key: str | None = Field(None, description="Taint key; empty with operator Exists matches all taints.")
+    operator: Literal["Exists", "Equal"] | None = Field(None, description="Exists or Equal (default).")
+    value: str | None = Field(None, description="Taint value for operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to match; empty matches all effects.")
+    toleration_seconds: int | None = Field(None, description="How long a NoExecute taint is tolerated.")
+
+
+class ResourcesSpec(_Model):
+    """What the trainer pod asks for and where it may run."""
+    gpus: int = Field(0, ge=0, description="GPUs (nvidia.com/gpu) for the pod; also AutoMM's env.num_gpus.")
+    cpu: Quantity | None = Field(None, description='CPU request, a quantity such as 4 or "3500m".')
+    memory: Quantity | None = Field(None, description='Memory request and limit, such as "16Gi".')
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pod requires.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Taints the pod tolerates (spot nodes).")
+    priority_class_name: str | None = Field(None, description="PriorityClass of the pod.")
+
+
+class ModelSource(_Model):
+    """A trained predictor: an earlier run of this namespace, or a predictor directory."""
+    training_run: str | None = Field(None, min_length=1, description="Name of a TrainingRun in the same namespace.")
+    model_uri: DirectoryUri | None = Field(None, description="URI of a predictor directory.")
+    rules = (Rule("has(self.trainingRun) != has(self.modelUri)",
+                  "give exactly one of trainingRun or modelUri",
+                  lambda s: _exactly_one(s.training_run, s.model_uri)),)
+
+
+class _RunSpec(_Model):
+    """Fields shared by TrainingRun and TransferRun."""
+    image: str | None = Field(None, description="Trainer image; the operator's default when unset.")
+    task: TaskSpec = Field(description="What to predict.")
+    data: DataSpec = Field(description="Tables to train on.")
+    model: ModelSpec | None = Field(None, description="Backbones to build.")
+    hyperparameters: dict[str, Any] = Field(default_factory=dict, description=(
+        "AutoMM hyperparameters by dotted key, such as optim.lr: 2.0e-5. "
+        "Keys implied by other fields may be repeated only with the same value."))
+    time_limit: Duration | None = Field(None, description='Training time budget, such as "30m" or "1h30m".')
+    seed: int = Field(0, ge=0, description="Random seed.")
+    checkpoint: CheckpointSpec = Field(description="Where and how often training state is saved.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pod resources and placement.")
+    max_preemptions: int = Field(20, ge=0, description="Preemptions tolerated before the run fails.")
+    backoff_limit: int = Field(3, ge=0, description="Failures (not preemptions) retried before the run fails.")
+    dump_model: bool = Field(True, description="Dump the backbones (dump_model) when training succeeds.")
+    delete_run_directory: bool = Field(False, description="Delete the run directory when the run is deleted.")
+
+    @field_validator("hyperparameters")
+    @classmethod
+    def _check_hyperparameters(cls, value: dict[str, Any]) -> dict[str, Any]:
+        problems = hyperparameter_problems(value)
+        if problems:
+            raise _errors([((p.key,), "hyperparameter", p.message, value[p.key]) for p in problems])
+        return value
+
+    @model_validator(mode="after")
+    def _check_implied(self) -> Any:
+        conflicts = [(("hyperparameters", key), "conflict",
+                      f"{self.hyperparameters[key]!r} conflicts with {path} ({value!r}); set only one", value)
+                     for key, (path, value) in self.implied_hyperparameters().items()
+                     if key in self.hyperparameters and not _agree(key, self.hyperparameters[key], value)]
+        if conflicts:
+            raise _errors(conflicts)
+        return self
+
+    def implied_hyperparameters(self) -> dict[str, tuple[str, Any]]:
+        """AutoMM keys that other spec fields set: key -> (field path, value)."""
+        implied: dict[str, tuple[str, Any]] = {"env.num_gpus": ("spec.resources.gpus", self.resources.gpus)}
+        if self.checkpoint.interval_steps is not None:
+            implied["env.checkpoint_every_n_steps"] = (
+                "spec.checkpoint.intervalSteps", self.checkpoint.interval_steps)
+        if self.checkpoint.interval_minutes is not None:
+            implied["env.checkpoint_every_n_minutes"] = (
+                "spec.checkpoint.intervalMinutes", self.checkpoint.interval_minutes)
+        for name in self.model.backbones() if self.model else ():
+            implied[f"model.{name}.checkpoint_name"] = (
+                f"spec.model.{to_camel(name)}.checkpoint", getattr(self.model, name).checkpoint)
+        if self.model and self.model.hf_text and self.model.hf_text.max_text_len is not None:
+            implied["model.hf_text.max_text_len"] = ("spec.model.hfText.maxTextLen", self.model.hf_text.max_text_len)
+        return implied
+
+    def effective_hyperparameters(self) -> dict[str, Any]:
+        """The user's hyperparameters plus those implied by other fields (validation has ruled out
+        disagreements); `validate_hyperparameters` merges the result over the defaults.
+        Checkpoint URIs (s3://...) are left for the trainer to fetch."""
+        implied = {key: value for key, (_, value) in self.implied_hyperparameters().items()}
+        return {**implied, **self.hyperparameters}
+
+    def time_limit_seconds(self) -> int | None:
+        """`timeLimit` in seconds (None: no limit)."""
+        if self.time_limit is None:
+            return None
+        hours, minutes, seconds = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", self.time_limit).groups()
+        return int(hours or 0) * 3600 + int(minutes or 0) * 60 + int(seconds or 0)
+
+
+def _agree(key: str, given: Any, implied: Any) -> bool:
+    """model.names agrees when it names the same backbones (it may choose another fusion head)."""
+    if key == "model.names":
+        given, implied = ([name for name in names if not name.startswith("fusion")] for names in (given, implied))
+        return sorted(given) == sorted(implied)
+    return given == implied
+
+
+class TrainingRunSpec(_RunSpec):
+    """Train a predictor (AutoMM fit), or keep training an existing one on new data."""
+    continue_from: ModelSource | None = Field(None, description=(
+        "Keep training this predictor (AutoGluon's continuous training, use case 1) instead of a new model."))
+    rules = (Rule("has(self.model) != has(self.continueFrom)",
+                  "give exactly one of model (a new predictor) or continueFrom (an existing one)",
+                  lambda s: _exactly_one(s.model, s.continue_from)),)
+
+    def implied_hyperparameters(self) -> dict[str, tuple[str, Any]]:
+        implied = super().implied_hyperparameters()
+        if self.model:
+            names = self.model.backbones()
+            implied["model.names"] = ("spec.model", names + ["fusion_mlp"] * (len(names) > 1))
+        return implied
+
+
+class TransferRunSpec(_RunSpec):
+    """Start a new task from the backbones of a trained predictor (dump_model, use case 3)."""
+    source: ModelSource = Field(description="The trained predictor whose backbones are dumped.")
+    backbones: list[Backbone] | None = Field(
+        None, min_length=1, description="Backbones taken from the source; all it has when unset.")
+    model: ModelSpec | None = Field(None, description=(
+        "Backbones to add; one given here replaces the source's backbone of the same kind."))
+
+
+# -------------------------------------------------------------------------------------- status
+
+class CheckpointStatus(_Status):
+    """A saved resume point."""
+    uri: str | None = Field(None, description="Where the checkpoint is stored.")
+    step: int | None = Field(None, description="Optimizer steps done.")
+    epoch: int | None = Field(None, description="Epoch it was taken in.")
+    sha256: str | None = Field(None, description="Digest of the checkpoint file.")
+    time: datetime | None = Field(None, description="When it was written.")
+
+
+class BestCheckpoint(_Status):
+    """The best validation result so far."""
+    uri: str | None = Field(None, description="Where its weights are stored.")
+    score: float | None = Field(None, description="Validation score.")
+    metric: str | None = Field(None, description="Metric the score is measured in.")
+
+
+class Condition(_Status):
+    """A Kubernetes-style condition."""
+    type: str = Field(description="Condition type, such as Ready or Preempted.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str | None = Field(None, description="CamelCase reason for the last transition.")
+    message: str | None = Field(None, description="Human-readable details.")
+    last_transition_time: datetime | None = Field(None, description="When the status last changed.")
+    observed_generation: int | None = Field(None, description="metadata.generation the condition is based on.")
+
+
+class TrainingRunStatus(_Status):
+    """Observed state, written by the operator."""
+    phase: Literal["Pending", "Running", "Preempted", "Succeeded", "Failed"] | None = Field(
+        None, description="Pending, Running, Preempted (waiting to resume), Succeeded or Failed.")
+    attempt: int | None = Field(None, ge=0, description="Pods started so far.")
+    preemptions: int | None = Field(None, ge=0, description="Pods lost to preemption or eviction.")
+    failures: int | None = Field(None, ge=0, description="Pods that failed for other reasons.")
+    current_pod: str | None = Field(None, description="Name of the trainer pod of this attempt.")
+    last_checkpoint: CheckpointStatus | None = Field(None, description="Latest resume point.")
+    best_checkpoint: BestCheckpoint | None = Field(None, description="Best validation result so far.")
+    dumped_model_uri: str | None = Field(None, description="Where the backbones were dumped.")
+    metrics: dict[str, float] = Field(default_factory=dict, description="Latest metrics by name.")
+    progress: str | None = Field(None, description='Progress for display, such as "42%".')
+    progress_ratio: float | None = Field(None, ge=0, le=1, description="Progress as a fraction 0..1.")
+    message: str | None = Field(None, description="Human-readable state.")
+    start_time: datetime | None = Field(None, description="When the first pod started.")
+    completion_time: datetime | None = Field(None, description="When the run succeeded or failed.")
+    observed_generation: int | None = Field(None, description="metadata.generation last acted on.")
+    conditions: list[Condition] = Field(default_factory=list, description="Kubernetes-style conditions.",
+                                        json_schema_extra={"x-kubernetes-list-type": "map",
+                                                           "x-kubernetes-list-map-keys": ["type"]})
+
+
+class TransferRunStatus(TrainingRunStatus):
+    """Observed state, written by the operator."""
+    source_dump_uri: str | None = Field(None, description="Where the source's backbones were dumped.")
+
+
+# ------------------------------------------------------------------------------------ resources
+
+class ObjectMeta(BaseModel):
+    """Kubernetes metadata; keys other than these are kept as they are."""
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1)
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class _Resource(_Model):
+    api_version: Literal["kontinue.dev/v1alpha1"] = Field(API_VERSION, description="kontinue.dev/v1alpha1.")
+    kind: str
+    metadata: ObjectMeta = Field(description="Standard object metadata.")
+    plural: ClassVar[str]
+    short_name: ClassVar[str]
+
+    def run_directory(self) -> str:
+        """`<storage>/<namespace>/<name>/`, where checkpoints, logs and the dump live."""
+        storage = self.spec.checkpoint.storage.rstrip("/")
+        return f"{storage}/{self.metadata.namespace or 'default'}/{self.metadata.name}/"
+
+
+class TrainingRun(_Resource):
+    """Trains an AutoMM-style predictor on preemptible nodes, resuming from checkpoints."""
+    kind: Literal["TrainingRun"] = Field("TrainingRun", description="TrainingRun.")
+    spec: TrainingRunSpec = Field(description="What to train and how.")
+    status: TrainingRunStatus | None = Field(None, description="Observed state, written by the operator.")
+    plural = "trainingruns"
+    short_name = "ktr"
+
+
+class TransferRun(_Resource):
+    """Starts a new task from the dumped backbones of a trained predictor."""
+    kind: Literal["TransferRun"] = Field("TransferRun", description="TransferRun.")
+    spec: TransferRunSpec = Field(description="Where the backbones come from and what to train.")
+    status: TransferRunStatus | None = Field(None, description="Observed state, written by the operator.")
+    plural = "transferruns"
+    short_name = "kxr"
+
+
+RESOURCES: dict[str, type[TrainingRun] | type[TransferRun]] = {"TrainingRun": TrainingRun, "TransferRun": TransferRun}

@@ -1,0 +1,130 @@
+"""Exact resume: runs SIGTERMed at random steps end bit-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from kontinue.trainer.callbacks import PREEMPTED_EXIT_CODE
+from tests.trainer_fixtures import Trainer, training_run
+
+
+def read_status(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "status.json").read_text())
+
+
+def best_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(Path(run_dir) / "model.ckpt", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_bert, review_tables) -> tuple[dict, Path]:
+    """The same run, never interrupted."""
+    workdir = tmp_path_factory.mktemp("reference")
+    manifest = training_run("exact", str(workdir / "store"), review_tables, tiny_bert)
+    run_dir = workdir / "store" / "tests" / "exact"
+    attempt = Trainer(workdir).attempt(manifest, str(run_dir))
+    assert attempt.exit_code == 0, attempt.output[-3000:]
+    return manifest, run_dir
+
+
+def assert_same_outcome(run_dir: Path, reference_dir: Path) -> dict:
+    status, expected = read_status(run_dir), read_status(reference_dir)
+    assert status["phase"] == "Succeeded"
+    assert status["finalState"] == expected["finalState"], "weights or optimizer state differ"
+    assert status["metrics"] == expected["metrics"]
+    assert status["bestCheckpoint"]["step"] == expected["bestCheckpoint"]["step"]
+    ours, theirs = best_weights(run_dir), best_weights(reference_dir)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+    return status
+
+
+def test_preempted_three_times_ends_bit_identical_and_recomputes_nothing(reference, tmp_path):
+    manifest, reference_dir = reference
+    total = read_status(reference_dir)["finalState"]["step"]
+    harness = Trainer(tmp_path)
+    run_dir = tmp_path / "store" / "tests" / "exact"
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    stopped_at = 0
+    for _ in range(3):
+        attempt = harness.attempt(manifest, str(run_dir), preempt_after_step=stopped_at + rng.randint(1, 6))
+        assert attempt.exit_code == PREEMPTED_EXIT_CODE, f"seed {seed}:\n{attempt.output[-3000:]}"
+        stopped_at = read_status(run_dir)["lastCheckpoint"]["step"]
+        assert stopped_at < total, f"seed {seed}: the run finished before it could be preempted"
+    final = harness.attempt(manifest, str(run_dir))
+    assert final.exit_code == 0, final.output[-3000:]
+
+    status = assert_same_outcome(run_dir, reference_dir)
+    attempts = status["attempts"]
+    assert [a["outcome"] for a in attempts] == ["preempted"] * 3 + ["completed"]
+    assert attempts[0]["fromStep"] == 0 and attempts[-1]["toStep"] == total
+    for before, after in zip(attempts, attempts[1:]):
+        assert after["fromStep"] == before["toStep"], f"seed {seed}: steps recomputed or skipped: {attempts}"
+    assert not (run_dir / "last.ckpt").exists(), "a finished run keeps model.ckpt only"
+
+
+def test_preempted_before_the_first_step_resumes_from_the_starting_weights(reference, tmp_path):
+    manifest, reference_dir = reference
+    harness = Trainer(tmp_path)
+    run_dir = tmp_path / "store" / "tests" / "exact"
+    attempt = harness.attempt(manifest, str(run_dir), preempt_after_step=0)
+    assert attempt.exit_code == PREEMPTED_EXIT_CODE, attempt.output[-3000:]
+    final = harness.attempt(manifest, str(run_dir))
+    assert final.exit_code == 0, final.output[-3000:]
+    status = assert_same_outcome(run_dir, reference_dir)
+    assert status["attempts"][1]["fromStep"] == status["attempts"][0]["toStep"]
+
+
+def test_truncated_newest_checkpoint_resumes_from_the_previous_one(reference, tmp_path):
+    manifest, reference_dir = reference
+    harness = Trainer(tmp_path)
+    run_dir = tmp_path / "store" / "tests" / "exact"
+    attempt = harness.attempt(manifest, str(run_dir), preempt_after_step=9)
+    assert attempt.exit_code == PREEMPTED_EXIT_CODE, attempt.output[-3000:]
+    newest = run_dir / "last.ckpt"
+    previous_step = torch.load(run_dir / "previous.ckpt", weights_only=True)["global_step"]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+
+    final = harness.attempt(manifest, str(run_dir))
+    assert final.exit_code == 0, final.output[-3000:]
+    assert "skipping checkpoint last.ckpt" in final.output
+    status = assert_same_outcome(run_dir, reference_dir)
+    assert any("last.ckpt" in warning["message"] for warning in status["warnings"])
+    assert status["attempts"][1]["fromStep"] == previous_step < status["attempts"][0]["toStep"]
+
+
+def test_s3_run_directory_resumes_on_a_new_machine(reference, tmp_path, s3_server, review_tables):
+    """Checkpoints and data in S3; each attempt starts from an empty scratch directory."""
+    _, reference_dir = reference
+    bucket = s3_server.make_bucket("runs")
+    store = s3_server.client()
+    store.fput_object(bucket, "data/train.parquet", review_tables["train"])
+    manifest, _ = reference
+    manifest = json.loads(json.dumps(manifest))
+    manifest["spec"]["data"]["train"] = f"s3://{bucket}/data/train.parquet"
+    manifest["spec"]["checkpoint"] = {"storage": f"s3://{bucket}/store", "intervalSteps": 3,
+                                      "secretRef": {"name": "s3-credentials"}}
+    run_uri = f"s3://{bucket}/store/tests/exact"
+    first = Trainer(tmp_path / "node-1", s3_server.environ)
+    (tmp_path / "node-1").mkdir()
+    attempt = first.attempt(manifest, run_uri, preempt_after_step=None if __import__("os").environ.get("NOPRE") else 5,
+                            status_file=tmp_path / "node-1" / "scratch" / "run" / "status.json")
+    assert attempt.exit_code == PREEMPTED_EXIT_CODE, attempt.output[-3000:]
+    assert store.stat_object(bucket, "store/tests/exact/last.ckpt.sha256")
+
+    (tmp_path / "node-2").mkdir()
+    final = Trainer(tmp_path / "node-2", s3_server.environ).attempt(manifest, run_uri)
+    assert final.exit_code == 0, final.output[-3000:]
+    status = json.loads(store.get_object(bucket, "store/tests/exact/status.json").read())
+    assert status["finalState"] == read_status(reference_dir)["finalState"]
+    assert status["attempts"][1]["fromStep"] == status["attempts"][0]["toStep"]
+    names = {o.object_name for o in store.list_objects(bucket, "store/tests/exact/", recursive=True)}
+    assert {"store/tests/exact/model.ckpt", "store/tests/exact/dump/hf_text/model.safetensors"} <= names
+    assert "store/tests/exact/last.ckpt" not in names
+    assert s3_server.secret_key not in attempt.output + final.output
