@@ -22,7 +22,7 @@ test: $(STAMP)
 
 example: $(STAMP)
 	$(PY) examples/prepare_rotten_tomatoes.py --out examples/data
-	$(VENV)/bin/kontinue run examples/rotten-tomatoes-minilm.yaml
+	$(VENV)/bin/kontinue run examples/data/rotten-tomatoes-minilm.local.yaml
 
 crds: $(STAMP)
 	$(VENV)/bin/kontinue crds --out crds/

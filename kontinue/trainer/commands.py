@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from kontinue.api.manifests import SpecError, load_manifest
@@ -30,6 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.set_defaults(func=_run)
 
 
+def _quiet_libraries() -> None:
+    """Lightning's banners and tips are noise in a trainer's log; our own lines say what happens."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*(LeafSpec|treespec).*")
+
+
 def _load(path: str) -> TrainingRun | None:
     try:
         run = load_manifest(Path(path))
@@ -46,6 +53,7 @@ def _train(args: argparse.Namespace) -> int:
     from kontinue.trainer.runner import run_training, write_termination_message
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
     run = _load(args.spec)
     if run is None:
         return 2
@@ -60,6 +68,7 @@ def _run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("kontinue").setLevel(logging.INFO)
+    _quiet_libraries()
     run = _load(args.manifest)
     if run is None:
         return 2

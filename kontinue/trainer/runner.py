@@ -53,15 +53,16 @@ def write_termination_message(outcome: Outcome, path: str | None = None) -> None
             log.debug("no termination message written: %s", error)
 
 
-def _continue_from(run: TrainingRun, scratch: Path) -> Predictor | None:
-    """Use case 1: the predictor named by continueFrom.modelUri, brought onto this machine."""
+def _continue_from(run: TrainingRun, run_dir_uri: str, scratch: Path) -> Predictor | None:
+    """Use case 1: the predictor continueFrom names, brought onto this machine.
+
+    An earlier TrainingRun of the same namespace lives beside this run's directory.
+    """
     source = run.spec.continue_from
     if source is None:
         return None
-    if source.model_uri is None:
-        raise ValueError("spec.continueFrom.trainingRun must be resolved to a modelUri by the operator "
-                         "before the trainer starts")
-    store = open_store(source.model_uri)
+    uri = source.model_uri or f"{run_dir_uri.rstrip('/').rpartition('/')[0]}/{source.training_run}"
+    store = open_store(uri)
     if isinstance(store, LocalStore):
         return Predictor.load(store.root)
     store.sync_down(scratch / "continue-from")
@@ -83,7 +84,7 @@ def run_training(run: TrainingRun, run_dir_uri: str, *, scratch: str | os.PathLi
         predictor = Predictor.load(run_dir.path, resume=True, run_dir=run_dir)
         predictor.enable_progress_bar = progress_bar
     else:
-        predictor = _continue_from(run, scratch) or Predictor(
+        predictor = _continue_from(run, run_dir_uri, scratch) or Predictor(
             label=spec.task.label, problem_type=spec.task.problem_type, eval_metric=spec.task.eval_metric,
             hyperparameters=spec.effective_hyperparameters())
         predictor.enable_progress_bar = progress_bar
