@@ -100,7 +100,7 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
     "env.num_gpus": Hyperparameter(-1, "GPUs to use (-1: all visible, 0: CPU).", _number(-1, integer=True)),
     "env.precision": Hyperparameter(
         "auto", "Lightning precision; auto is bf16-mixed on GPUs that support it, else 32.",
-        _choice("auto", "32", "bf16-mixed", "16-mixed", 32, 16)),
+        _choice("auto", "32-true", "32", "bf16-mixed", "16-mixed", 32, 16)),
     "env.num_workers": Hyperparameter(0, "DataLoader worker processes.", _number(0, 64, integer=True)),
     "env.checkpoint_every_n_steps": Hyperparameter(
         None, "Write last.ckpt every N optimizer steps (unset: only by time and on SIGTERM).",
