@@ -14,7 +14,9 @@ rows and the same batches (same order, same dynamic padding), on the CPU:
    on which last.ckpt is written against the median step that writes nothing, how long
    `save_resume_point` itself blocked, where that time goes (serialising, the local copy + sha256,
    the upload), and the size of last.ckpt. For a local run directory and, unless --no-s3, for an S3
-   run directory on moto's standalone server at 127.0.0.1. These runs are not interleaved.
+   run directory on moto's standalone server at 127.0.0.1. Each checkpointing fit runs in lock-step
+   with a plain fit too, and the stall is also given against it: median over save steps of (kontinue
+   step - plain step on the same batch) minus the same median over steps without a save.
 
 Only training steps are timed. A step's time runs from one `on_train_batch_start` to the next, so it
 includes the forward, backward and optimizer step, every callback (a resume point written in
@@ -189,6 +191,7 @@ class StepTimer(pl.Callback):
 @dataclass
 class SaveRecord:
     start: float
+    step: int
     end: float = 0.0
     size: int = 0
     phases: dict[str, float] = field(default_factory=dict)
@@ -219,7 +222,7 @@ class SaveProbe:
         original_save = RunDirectory.save_resume_point
 
         def save_resume_point(run_dir, trainer):
-            probe._current = record = SaveRecord(time.perf_counter())
+            probe._current = record = SaveRecord(time.perf_counter(), trainer.global_step)
             try:
                 return original_save(run_dir, trainer)
             finally:
@@ -417,11 +420,12 @@ def run_kontinue(args, train: pd.DataFrame, tuning: pd.DataFrame, workdir: Path,
     return RunResult(name, timer.steps, args.batch_size, time.perf_counter() - start, timer.excluded, probe.saves)
 
 
-def run_pair(args, train: pd.DataFrame, tuning: pd.DataFrame, workdir: Path, name: str) -> tuple[RunResult, RunResult]:
+def run_pair(args, train: pd.DataFrame, tuning: pd.DataFrame, workdir: Path, name: str, steps: int,
+             checkpoint_every: int | None = None, run_dir: RunDirectory | None = None) -> tuple[RunResult, RunResult]:
     """kontinue (this thread: its SIGTERM handling needs the main thread) and plain, in lock-step."""
     lockstep = Lockstep(2)
-    kontinue_timer = StepTimer(args.warmup, args.steps, lockstep, party=0)
-    plain_timer = StepTimer(args.warmup, args.steps, lockstep, party=1)
+    kontinue_timer = StepTimer(args.warmup, steps, lockstep, party=0)
+    plain_timer = StepTimer(args.warmup, steps, lockstep, party=1)
     outcome: dict[str, Any] = {}
 
     def plain_thread() -> None:
@@ -435,7 +439,7 @@ def run_pair(args, train: pd.DataFrame, tuning: pd.DataFrame, workdir: Path, nam
     thread = threading.Thread(target=plain_thread, name="plain-lightning", daemon=True)
     thread.start()
     try:
-        kontinue = run_kontinue(args, train, tuning, workdir, name, kontinue_timer)
+        kontinue = run_kontinue(args, train, tuning, workdir, name, kontinue_timer, checkpoint_every, run_dir)
     finally:
         thread.join()
     if "error" in outcome:
@@ -451,7 +455,9 @@ class Stall:
     normal: list[float]
     saving: list[float]
     saves: list[SaveRecord]
-    deferred: int  # saves that ran after a validation, outside the timed steps
+    outside: int  # saves in no timed step: at train start, in warm-up, after a validation
+    paired_normal: list[float]  # kontinue step minus the plain step of the same batch, taken just after it
+    paired_saving: list[float]
 
     @property
     def median_normal(self) -> float:
@@ -464,6 +470,12 @@ class Stall:
     @property
     def stall(self) -> float:
         return self.median_saving - self.median_normal
+
+    @property
+    def paired_stall(self) -> float:
+        if not (self.paired_normal and self.paired_saving):
+            return float("nan")
+        return statistics.median(self.paired_saving) - statistics.median(self.paired_normal)
 
     @property
     def size_mb(self) -> float:
@@ -479,13 +491,17 @@ class Stall:
         return statistics.median(save.end - save.start for save in self.saves) if self.saves else float("nan")
 
 
-def stall_of(result: RunResult, where: str, every: int) -> Stall:
-    normal, saving, in_steps = [], [], set()
-    for _, start, end in result.steps:
+def stall_of(result: RunResult, plain: RunResult, where: str, every: int) -> Stall:
+    normal, saving, paired_normal, paired_saving, in_steps = [], [], [], [], set()
+    plain_steps = {number: end - start for number, start, end in plain.steps}
+    for number, start, end in result.steps:
         hits = [index for index, save in enumerate(result.saves) if start <= save.start < end]
         (saving if hits else normal).append(end - start)
+        if number in plain_steps:
+            (paired_saving if hits else paired_normal).append(end - start - plain_steps[number])
         in_steps.update(hits)
-    return Stall(where, every, normal, saving, result.saves, len(result.saves) - len(in_steps))
+    return Stall(where, every, normal, saving, result.saves, len(result.saves) - len(in_steps),
+                 paired_normal, paired_saving)
 
 
 @contextlib.contextmanager
@@ -510,16 +526,16 @@ def moto_s3() -> Iterator[None]:
         server.stop()
 
 
-def run_checkpointing(args, train, tuning, workdir: Path, s3: bool) -> RunResult:
-    timer = StepTimer(args.warmup, args.checkpoint_steps)
+def run_checkpointing(args, train, tuning, workdir: Path, s3: bool) -> tuple[RunResult, RunResult]:
+    """A checkpointing kontinue fit, in lock-step with a plain fit as the reference for the load."""
     if not s3:
-        return run_kontinue(args, train, tuning, workdir, "checkpointing", timer,
-                            checkpoint_every=args.checkpoint_every)
+        return run_pair(args, train, tuning, workdir, "checkpointing", args.checkpoint_steps,
+                        checkpoint_every=args.checkpoint_every)
     with moto_s3():
         S3Store(S3Config.from_environ(), "kontinue-bench").ensure_bucket()
         run_dir = open_run_directory("s3://kontinue-bench/runs/bench", scratch=workdir / "s3-scratch")
-        return run_kontinue(args, train, tuning, workdir, "s3", timer, checkpoint_every=args.checkpoint_every,
-                            run_dir=run_dir)
+        return run_pair(args, train, tuning, workdir, "s3", args.checkpoint_steps,
+                        checkpoint_every=args.checkpoint_every, run_dir=run_dir)
 
 
 # -- report ----------------------------------------------------------------------------------------------
@@ -557,8 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="lock-step kontinue/plain pairs")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--checkpoint-every", type=int, default=5, help="env.checkpoint_every_n_steps")
-    parser.add_argument("--checkpoint-steps", type=int, default=None,
-                        help="timed steps of each checkpointing run (default: --steps)")
+    parser.add_argument("--checkpoint-steps", type=int, default=15,
+                        help="timed steps of each checkpointing run")
     parser.add_argument("--max-text-len", type=int, default=512)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--weight-decay", type=float, default=1e-3)
@@ -566,8 +582,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-s3", action="store_true", help="skip the S3 (moto) checkpoint run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    for name in ("steps", "repeats", "batch_size", "checkpoint_every", "checkpoint_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must not be negative")
+    if args.rows < 2 * args.batch_size:
+        parser.error("--rows must hold at least two batches (epoch boundaries are not timed)")
     args.model = args.model or default_model_path()
-    args.checkpoint_steps = args.checkpoint_steps or args.steps
     if args.threads:
         torch.set_num_threads(args.threads)
     quiet()
@@ -585,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kontinue-bench-") as scratch:
         workdir = Path(scratch)
         for repeat in range(args.repeats):
-            kontinue, plain = run_pair(args, train, tuning, workdir, f"kontinue-{repeat}")
+            kontinue, plain = run_pair(args, train, tuning, workdir, f"kontinue-{repeat}", args.steps)
             pairs.append((kontinue, plain))
             print(f"  repeat {repeat + 1} (lock-step): plain {plain.throughput:.1f} samples/s, kontinue "
                   f"{kontinue.throughput:.1f} samples/s, median steps {plain.median_step:.3f} / "
@@ -596,13 +618,13 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             where = "s3 (moto server, 127.0.0.1)" if s3 else "local disk"
             try:
-                result = run_checkpointing(args, train, tuning, workdir, s3)
+                result, plain = run_checkpointing(args, train, tuning, workdir, s3)
             except ImportError as error:
                 print(f"  checkpointing, {where}: skipped ({error})")
                 continue
-            stalls.append(stall_of(result, where, args.checkpoint_every))
-            print(f"  checkpointing, {where}: {len(result.saves)} resume points, median step "
-                  f"{result.median_step:.3f} s, fit() wall {result.wall:.1f} s", flush=True)
+            stalls.append(stall_of(result, plain, where, args.checkpoint_every))
+            print(f"  checkpointing, {where} (lock-step with plain): {len(result.saves)} resume points, median "
+                  f"step {result.median_step:.3f} s (plain {plain.median_step:.3f} s)", flush=True)
 
     kontinue_runs, plain_runs = [k for k, _ in pairs], [p for _, p in pairs]
     plain_tp = statistics.median(run.throughput for run in plain_runs)
@@ -635,12 +657,15 @@ def main(argv: list[str] | None = None) -> int:
             ("median step without a save", f"{stall.median_normal:.3f} s ({len(stall.normal)} steps)"),
             ("median step with a save", f"{stall.median_saving:.3f} s ({len(stall.saving)} steps)"),
             ("stall per checkpoint", f"{stall.stall:.3f} s = {stall.stall / stall.median_normal:.2f} median steps"),
+            ("same, against the plain step", f"{stall.paired_stall:.3f} s = "
+                                             f"{stall.paired_stall / stall.median_normal:.2f} median steps"),
             ("save_resume_point itself", f"{stall.median_save:.3f} s median of {len(stall.saves)} = "
                                          + " + ".join(f"{part} {stall.phase(part):.3f}" for part in parts)
                                          + " + status"),
         ]
-        if stall.deferred:
-            rows.append((f"  ({stall.deferred} of these saves came after an epoch-end validation, in no timed step)", ""))
+        if stall.outside:
+            rows.append((f"  ({stall.outside} of these saves fell in no timed step: at train start (step 0), "
+                         "in warm-up or after a validation)", ""))
     print_table(rows)
     print(f"\ntotal benchmark wall time {time.perf_counter() - total_start:.0f} s")
     return 0

@@ -156,12 +156,15 @@ class Store(abc.ABC):
         key = self._key(key)
         hashed = _Hashed(stream) if checksum else None
         info = self._write(key, hashed or stream, size)
-        if hashed is None:  # a digest left over from an earlier version of the key would be a lie
+        return self._record_sha256(key, info, hashed.hash.hexdigest() if hashed else None)
+
+    def _record_sha256(self, key: str, info: ObjectInfo, digest: str | None) -> ObjectInfo:
+        """Writes the sidecar only once the object is in place; without a digest removes a stale one."""
+        if digest is None:  # a digest left over from an earlier version of the key would be a lie
             self._remove(key + SIDECAR)
             return info
-        digest = hashed.hash.hexdigest()
         line = f"{digest}\n".encode()
-        self._write(key + SIDECAR, io.BytesIO(line), len(line))  # only once the object is in place
+        self._write(key + SIDECAR, io.BytesIO(line), len(line))
         return replace(info, sha256=digest)
 
     # -- public API -------------------------------------------------------------------------

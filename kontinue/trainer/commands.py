@@ -10,7 +10,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from kontinue.api.manifests import SpecError, load_manifest
+import yaml
+
+from kontinue.api.manifests import Problem, SpecError, load_manifest, parse_resource
 from kontinue.api.models import TrainingRun
 
 DEFAULT_STORE = ".kontinue"
@@ -18,7 +20,8 @@ DEFAULT_STORE = ".kontinue"
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser("train", help="run one attempt of a TrainingRun (trainer pods run this)")
-    train.add_argument("--spec", required=True, help="TrainingRun manifest (YAML or JSON)")
+    train.add_argument("--spec", required=True,
+                       help="TrainingRun manifest (YAML or JSON), or env:NAME to read it from a variable")
     train.add_argument("--run-dir", required=True, help="run directory URI (s3://..., file://... or a path)")
     train.add_argument("--scratch", default=os.environ.get("KONTINUE_SCRATCH"),
                        help="local working directory (default: a temporary directory)")
@@ -38,8 +41,15 @@ def _quiet_libraries() -> None:
 
 
 def _load(path: str) -> TrainingRun | None:
+    """A manifest file, or `env:NAME` for one passed in an environment variable (as pods get it)."""
     try:
-        run = load_manifest(Path(path))
+        if path.startswith("env:"):
+            text = os.environ.get(path[4:])
+            if text is None:
+                raise SpecError([Problem("", f"environment variable {path[4:]} is not set")])
+            run = parse_resource(yaml.safe_load(text))
+        else:
+            run = load_manifest(Path(path))
     except SpecError as error:
         print(f"{path}: {error}", file=sys.stderr)
         return None

@@ -89,34 +89,41 @@ class RunDirectory:
         self.update_status()
 
     # -- checkpoints -----------------------------------------------------------------------------
+    def _scratch(self, name: str) -> Path:
+        """A hidden temporary beside the store's files: never listed, never published."""
+        return self.path / f".{name}.{os.getpid()}.tmp"
+
     def save_resume_point(self, trainer) -> None:
-        """Writes last.ckpt (the previous one kept as previous.ckpt) here and remotely."""
-        scratch = self.path / f"{LAST}.tmp-{os.getpid()}"
+        """Writes last.ckpt (the previous one kept as previous.ckpt) here and remotely.
+
+        Every process takes part (Lightning gathers the state), rank 0 writes the files, and all
+        wait for it so none runs ahead into the next collective.
+        """
+        scratch = self._scratch(LAST)
         trainer.save_checkpoint(scratch, weights_only=False)
-        if not trainer.is_global_zero:
-            return
-        try:
-            for store in filter(None, (self.local, self.remote)):
-                if store.exists(LAST):
-                    store.move(LAST, PREVIOUS)
-            info = self.local.put_file(LAST, scratch, checksum=True)
-            self.publish(LAST, checksum=True)
-        finally:
-            scratch.unlink(missing_ok=True)
-        record = {"uri": f"{self.uri.rstrip('/')}/{LAST}", "step": trainer.global_step,
-                  "epoch": trainer.current_epoch, "sha256": info.sha256, "time": now()}
-        self.update_status(step=trainer.global_step, lastCheckpoint=record)
-        log.info("resume point saved at step %d (%s)", trainer.global_step, record["uri"])
+        if trainer.is_global_zero:
+            try:
+                for store in filter(None, (self.local, self.remote)):
+                    if store.exists(LAST):
+                        store.move(LAST, PREVIOUS)
+                info = self.local.adopt(LAST, scratch, checksum=True)
+                self.publish(LAST, checksum=True)
+            finally:
+                scratch.unlink(missing_ok=True)
+            record = {"uri": f"{self.uri.rstrip('/')}/{LAST}", "step": trainer.global_step,
+                      "epoch": trainer.current_epoch, "sha256": info.sha256, "time": now()}
+            self.update_status(step=trainer.global_step, lastCheckpoint=record)
+            log.info("resume point saved at step %d (%s)", trainer.global_step, record["uri"])
         trainer.strategy.barrier("kontinue-resume-point")
 
     def save_best_model(self, trainer, module: torch.nn.Module, score: float) -> None:
         if not trainer.is_global_zero:
             return
-        scratch = self.path / f"{BEST}.tmp-{os.getpid()}"
+        scratch = self._scratch(BEST)
         torch.save({"state_dict": module.state_dict(), "score": score, "step": trainer.global_step,
                     "metrics": dict(module.last_validation)}, scratch)
         try:
-            self.local.put_file(BEST, scratch, checksum=True)
+            self.local.adopt(BEST, scratch, checksum=True)
             self.publish(BEST, checksum=True)
         finally:
             scratch.unlink(missing_ok=True)

@@ -1,0 +1,76 @@
+"""`kontinue operator`: runs the kopf operator for TrainingRuns."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("operator", help="run the operator (watches TrainingRuns, runs trainer pods)")
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", default=[],
+                       help="namespace to watch (repeatable; globs allowed); default: all namespaces")
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace (default)")
+    parser.add_argument("--image", default=os.environ.get("KONTINUE_TRAINER_IMAGE"),
+                        help="trainer image for runs that name none (env KONTINUE_TRAINER_IMAGE)")
+    parser.add_argument("--grace-seconds", type=int, default=120,
+                        help="terminationGracePeriodSeconds of trainer pods: time for the SIGTERM checkpoint")
+    parser.add_argument("--image-pull-timeout", type=float, default=300.0,
+                        help="seconds a pod may fail to pull its image before the attempt counts as failed")
+    parser.add_argument("--backoff-seconds", type=float, default=10.0,
+                        help="first retry delay after a failed attempt; doubles with each failure")
+    parser.add_argument("--backoff-max-seconds", type=float, default=600.0)
+    parser.add_argument("--health-port", type=int, default=8080, help="liveness/readiness probe port (/healthz)")
+    parser.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics port (0: off)")
+    peering = parser.add_mutually_exclusive_group()
+    peering.add_argument("--standalone", action="store_true",
+                         help="no peering: only for one replica you know is alone (tests, development)")
+    peering.add_argument("--peering", default="kontinue",
+                         help="kopf peering object that keeps exactly one replica active (default: kontinue)")
+    parser.add_argument("--priority", type=int, default=100,
+                        help="peering priority; give each replica a different one (equal priorities all pause)")
+    parser.set_defaults(func=_operator)
+
+
+def _operator(args: argparse.Namespace) -> int:
+    import kopf
+    from kubernetes import config as kube_config
+    from kubernetes.client import ApiClient
+    from prometheus_client import start_http_server
+
+    from kontinue.operator import handlers
+    from kontinue.operator.reconcile import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        kube_config.load_incluster_config()
+    except kube_config.ConfigException:
+        kube_config.load_kube_config()
+    defaults = Settings()
+    handlers.RUNTIME.api = ApiClient()
+    handlers.RUNTIME.settings = Settings(
+        image=args.image or defaults.image, grace_seconds=args.grace_seconds,
+        image_pull_timeout=args.image_pull_timeout, backoff_base=args.backoff_seconds,
+        backoff_max=args.backoff_max_seconds)
+
+    @kopf.on.startup()
+    def configure(settings: kopf.OperatorSettings, **_) -> None:
+        settings.posting.enabled = False  # the operator posts its own Events, one per transition
+        settings.watching.server_timeout = 300
+        settings.watching.client_timeout = 330
+        settings.watching.connect_timeout = 30
+        settings.persistence.finalizer = "kontinue.dev/finalizer"
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kontinue.dev")
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kontinue.dev")
+        settings.execution.max_workers = 16
+
+    if args.metrics_port:
+        start_http_server(args.metrics_port)
+    kopf.run(
+        standalone=args.standalone, peering_name=None if args.standalone else args.peering,
+        priority=args.priority, clusterwide=not args.namespace, namespaces=args.namespace,
+        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
+    )
+    return 0

@@ -1,0 +1,208 @@
+"""kopf handlers: every trigger (a run changed, one of its pods changed, a timer) calls one
+level-triggered `reconcile`, which reads the run and its pods afresh and applies `decide`'s plan."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from kontinue.api.manifests import SpecError, parse_training_run
+from kontinue.operator import metrics
+from kontinue.operator.pods import RUN_LABEL, run_label
+from kontinue.operator.reconcile import RUNNING_PHASE, Plan, Settings, decide, timestamp
+from kontinue.storage import StorageError, open_store
+
+GROUP, VERSION, PLURAL = "kontinue.dev", "v1alpha1", "trainingruns"
+log = logging.getLogger("kontinue.operator")
+
+
+@dataclass
+class Runtime:
+    """What the handlers share in one operator process."""
+
+    settings: Settings = field(default_factory=Settings)
+    api: client.ApiClient | None = None
+    locks: defaultdict = field(default_factory=lambda: defaultdict(threading.Lock))
+
+    @property
+    def core(self) -> client.CoreV1Api:
+        return client.CoreV1Api(self.api)
+
+    @property
+    def custom(self) -> client.CustomObjectsApi:
+        return client.CustomObjectsApi(self.api)
+
+
+RUNTIME = Runtime()
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _ignore(status: int, call, *args, **kwargs) -> None:
+    try:
+        call(*args, **kwargs)
+    except ApiException as error:
+        if error.status != status:
+            raise
+
+
+def _get_run(namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        return RUNTIME.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+
+
+def _pods_of(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run's pods: labelled with it and owned by this very object (not a namesake's)."""
+    namespace, name, uid = run["metadata"]["namespace"], run["metadata"]["name"], run["metadata"]["uid"]
+    listing = RUNTIME.api.sanitize_for_serialization(
+        RUNTIME.core.list_namespaced_pod(namespace, label_selector=f"{RUN_LABEL}={run_label(name)}"))
+    return [pod for pod in listing.get("items", [])
+            if pod["metadata"].get("labels", {}).get(RUN_LABEL) == run_label(name)
+            and any(ref.get("uid") == uid for ref in pod["metadata"].get("ownerReferences") or [])]
+
+
+def _post_event(run: dict[str, Any], kind: str, reason: str, message: str, now: dt.datetime) -> None:
+    meta = run["metadata"]
+    event = {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {"apiVersion": run["apiVersion"], "kind": run["kind"], "name": meta["name"],
+                           "namespace": meta["namespace"], "uid": meta["uid"]},
+        "type": kind, "reason": reason, "message": message[:1024],
+        "firstTimestamp": timestamp(now), "lastTimestamp": timestamp(now), "count": 1,
+        "source": {"component": "kontinue-operator"}, "reportingComponent": "kontinue-operator",
+    }
+    try:
+        RUNTIME.core.create_namespaced_event(meta["namespace"], event)
+    except ApiException as error:  # an event is worth a log line, never a failed reconcile
+        log.warning("could not post event %s for %s: %s", reason, meta["name"], error.reason)
+
+
+def _patch_status(run: dict[str, Any], status: dict[str, Any]) -> None:
+    meta = run["metadata"]
+    RUNTIME.custom.patch_namespaced_custom_object_status(
+        GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], {"status": status})
+
+
+def _apply(run: dict[str, Any], plan: Plan, now: dt.datetime) -> None:
+    meta = run["metadata"]
+    if plan.status:
+        _patch_status(run, plan.status)
+    for name in plan.delete:
+        _ignore(404, RUNTIME.core.delete_namespaced_pod, name, meta["namespace"])
+    if plan.create is not None:
+        _ignore(409, RUNTIME.core.create_namespaced_pod, meta["namespace"], plan.create)
+        metrics.pod_created(run.get("status") or {}, now)
+    for kind, reason, message in plan.events:
+        _post_event(run, kind, reason, message, now)
+    if plan.verdict is not None and plan.verdict.final:
+        metrics.verdict(plan.verdict)
+
+
+def reconcile(namespace: str, name: str, *, refresh: bool = False) -> float | None:
+    """One step for one run; returns when to look again (None: on the next event or tick)."""
+    with RUNTIME.locks[(namespace, name)]:
+        run = _get_run(namespace, name)
+        if run is None or run["metadata"].get("deletionTimestamp"):
+            return None
+        now = _now()
+        plan = decide(run, _pods_of(run), now, RUNTIME.settings)
+        _apply(run, plan, now)
+        phase = plan.status.get("phase") or (run.get("status") or {}).get("phase")
+        metrics.phase(namespace, name, phase)
+        if refresh and phase == RUNNING_PHASE:
+            _refresh_progress(run)
+        return plan.requeue_after
+
+
+def _secret_environ(namespace: str, run) -> dict[str, str]:
+    from kontinue.operator.pods import SECRET_KEYS
+
+    secret_ref = run.spec.checkpoint.secret_ref
+    if secret_ref is None:
+        return {}
+    secret = RUNTIME.api.sanitize_for_serialization(RUNTIME.core.read_namespaced_secret(secret_ref.name, namespace))
+    import base64
+
+    data = {key: base64.b64decode(value).decode() for key, value in (secret.get("data") or {}).items()}
+    data.update(secret.get("stringData") or {})
+    return {variable: data[key] for key, variable in SECRET_KEYS.items() if key in data}
+
+
+def _refresh_progress(body: dict[str, Any]) -> None:
+    """Copies progress, the last checkpoint and metrics from the run directory's status.json."""
+    try:
+        run = parse_training_run(body)
+        store = open_store(run.run_directory(), environ=_secret_environ(body["metadata"]["namespace"], run))
+        if not store.exists("status.json"):
+            return
+        trainer = json.loads(store.read_text("status.json"))
+    except (SpecError, StorageError, ApiException, ValueError) as error:
+        log.warning("no progress for %s: %s", body["metadata"]["name"], error)
+        return
+    update: dict[str, Any] = {}
+    if trainer.get("progress") is not None:
+        update.update(progress=f"{round(100 * trainer['progress'])}%", progressRatio=trainer["progress"])
+    for ours, theirs in (("lastCheckpoint", "lastCheckpoint"), ("bestCheckpoint", "bestCheckpoint"),
+                         ("metrics", "metrics")):
+        if trainer.get(theirs):
+            update[ours] = trainer[theirs]
+    if trainer.get("warnings"):
+        update["warnings"] = [w["message"] for w in trainer["warnings"]][-10:]
+    current = body.get("status") or {}
+    update = {key: value for key, value in update.items() if current.get(key) != value}
+    if update:
+        _patch_status(body, update)
+
+
+# -- kopf wiring -----------------------------------------------------------------------------------
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def run_changed(type: str, name: str, namespace: str, **_: Any) -> None:
+    if type == "DELETED":
+        metrics.forget(namespace, name)
+        RUNTIME.locks.pop((namespace, name), None)
+        return
+    reconcile(namespace, name)
+
+
+@kopf.on.event("", "v1", "pods", labels={RUN_LABEL: kopf.PRESENT})
+def pod_changed(body: kopf.Body, namespace: str, **_: Any) -> None:
+    for owner in body.get("metadata", {}).get("ownerReferences") or []:
+        if owner.get("kind") == "TrainingRun" and owner.get("apiVersion", "").startswith(f"{GROUP}/"):
+            reconcile(namespace, owner["name"])
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=10.0, initial_delay=1.0,
+            when=lambda status, **_: status.get("phase") not in ("Succeeded", "Failed"))
+def tick(name: str, namespace: str, **_: Any) -> None:
+    """Catches what no event announces: back-off deadlines, image-pull time-outs, progress."""
+    reconcile(namespace, name, refresh=True)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, when=lambda spec, **_: bool(spec.get("deleteRunDirectory")))
+def delete_run_directory(body: kopf.Body, namespace: str, **_: Any) -> None:
+    """Pods go by ownerReference; the run directory only when the spec asks for it."""
+    try:
+        run = parse_training_run(dict(body))
+    except SpecError:
+        return
+    store = open_store(run.run_directory(), environ=_secret_environ(namespace, run))
+    for info in store.list():
+        store.delete(info.key)
+    log.info("deleted run directory %s", run.run_directory())

@@ -1,0 +1,57 @@
+"""Prometheus metrics of the operator: runs by phase, preemptions, failures, resume latency."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections import Counter as Tally
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from kontinue.operator.verdicts import FAILED, PREEMPTED, Verdict
+
+RUNS = Gauge("kontinue_trainingruns", "TrainingRuns by phase", ["phase"])
+PREEMPTIONS = Counter("kontinue_preemptions_total", "Trainer pods lost to preemption or eviction", ["reason"])
+FAILURES = Counter("kontinue_attempt_failures_total", "Trainer pods that failed in code", ["reason"])
+PODS = Counter("kontinue_trainer_pods_created_total", "Trainer pods created")
+RESUME_LATENCY = Histogram("kontinue_resume_latency_seconds",
+                           "From a preemption seen to the next trainer pod created",
+                           buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
+
+_phases: dict[tuple[str, str], str] = {}
+_lock = threading.Lock()
+
+
+def phase(namespace: str, name: str, value: str | None) -> None:
+    with _lock:
+        if value is None or _phases.get((namespace, name)) == value:
+            return
+        _phases[(namespace, name)] = value
+        _publish()
+
+
+def forget(namespace: str, name: str) -> None:
+    with _lock:
+        _phases.pop((namespace, name), None)
+        _publish()
+
+
+def _publish() -> None:
+    counts = Tally(_phases.values())
+    for known in ("Pending", "Running", "Preempted", "Succeeded", "Failed"):
+        RUNS.labels(known).set(counts.get(known, 0))
+
+
+def verdict(outcome: Verdict) -> None:
+    if outcome.outcome == PREEMPTED:
+        PREEMPTIONS.labels(outcome.reason).inc()
+    elif outcome.outcome == FAILED:
+        FAILURES.labels(outcome.reason).inc()
+
+
+def pod_created(status: dict, now: dt.datetime) -> None:
+    PODS.inc()
+    preempted = status.get("preemptedTime")
+    if preempted and status.get("phase") == "Preempted":
+        seen = dt.datetime.fromisoformat(preempted.replace("Z", "+00:00"))
+        RESUME_LATENCY.observe(max(0.0, (now - seen).total_seconds()))

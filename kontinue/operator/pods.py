@@ -1,0 +1,139 @@
+"""Spec -> trainer pod manifest: a pure function, so tests validate it against the Pod schema."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from kontinue.api.models import TrainingRun
+
+GROUP = "kontinue.dev"
+RUN_LABEL = f"{GROUP}/run"
+ATTEMPT_LABEL = f"{GROUP}/attempt"
+RUN_DIR_ANNOTATION = f"{GROUP}/run-dir"
+CONTAINER = "trainer"
+SCRATCH = "/scratch"
+SPEC_ENV = "KONTINUE_SPEC"
+# Secret keys the spec's checkpoint.secretRef names -> the variables kontinue.storage reads.
+SECRET_KEYS = {"endpoint": "KONTINUE_S3_ENDPOINT", "accessKey": "KONTINUE_S3_ACCESS_KEY",
+               "secretKey": "KONTINUE_S3_SECRET_KEY", "region": "KONTINUE_S3_REGION",
+               "secure": "KONTINUE_S3_SECURE"}
+OPTIONAL_SECRET_KEYS = {"region", "secure"}
+NON_ROOT_UID = 1000
+
+
+def pod_name(run_name: str, attempt: int) -> str:
+    return f"{run_name}-{attempt}"
+
+
+def run_label(run_name: str) -> str:
+    """Label values stop at 63 characters; longer run names are shortened with a hash."""
+    if len(run_name) <= 63:
+        return run_name
+    return f"{run_name[:52]}-{hashlib.sha256(run_name.encode()).hexdigest()[:10]}"
+
+
+def _resources(run: TrainingRun) -> dict[str, Any]:
+    wanted = run.spec.resources
+    requests: dict[str, str] = {}
+    if wanted.cpu is not None:
+        requests["cpu"] = str(wanted.cpu)
+    if wanted.memory is not None:
+        requests["memory"] = str(wanted.memory)
+    limits = {"memory": requests["memory"]} if "memory" in requests else {}
+    if wanted.gpus:
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(wanted.gpus)
+    return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
+
+
+def _env(run: TrainingRun) -> list[dict[str, Any]]:
+    document = {"apiVersion": run.api_version, "kind": run.kind,
+                "metadata": {"name": run.metadata.name, "namespace": run.metadata.namespace},
+                "spec": run.spec.model_dump(mode="json", by_alias=True, exclude_none=True)}
+    env = [
+        {"name": SPEC_ENV, "value": json.dumps(document, sort_keys=True)},
+        {"name": "HOME", "value": f"{SCRATCH}/home"},
+        {"name": "HF_HOME", "value": f"{SCRATCH}/huggingface"},
+        {"name": "TORCH_HOME", "value": f"{SCRATCH}/torch"},
+        {"name": "MPLCONFIGDIR", "value": f"{SCRATCH}/matplotlib"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    secret = run.spec.checkpoint.secret_ref
+    if secret is not None:
+        env += [{"name": variable, "valueFrom": {"secretKeyRef": {
+                    "name": secret.name, "key": key, "optional": key in OPTIONAL_SECRET_KEYS}}}
+                for key, variable in SECRET_KEYS.items()]
+    return env
+
+
+def build_trainer_pod(body: dict[str, Any], run: TrainingRun, attempt: int, *, image: str,
+                      grace_seconds: int = 120) -> dict[str, Any]:
+    """The pod of one attempt: `kontinue train` on the run directory, locked down, owned by the run.
+
+    `body` is the TrainingRun object as the API returned it (for its uid); `run` its parsed form.
+    """
+    name, namespace = run.metadata.name, run.metadata.namespace or "default"
+    spec = run.spec
+    volumes = [{"name": "scratch", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}]
+    mounts = [{"name": "scratch", "mountPath": SCRATCH}, {"name": "tmp", "mountPath": "/tmp"}]
+    if spec.resources.gpus:  # NCCL and DataLoader workers need more shared memory than the default 64 MiB
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    container = {
+        "name": CONTAINER,
+        "image": spec.image or image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["kontinue", "train"],
+        "args": ["--spec", f"env:{SPEC_ENV}", "--run-dir", run.run_directory(), "--scratch", f"{SCRATCH}/work"],
+        "env": _env(run),
+        "resources": _resources(run),
+        "volumeMounts": mounts,
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": grace_seconds,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True, "runAsUser": NON_ROOT_UID, "runAsGroup": NON_ROOT_UID,
+            "fsGroup": NON_ROOT_UID, "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if spec.resources.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
+    if spec.resources.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(mode="json", by_alias=True, exclude_none=True)
+                                   for t in spec.resources.tolerations]
+    if spec.resources.priority_class_name:
+        pod_spec["priorityClassName"] = spec.resources.priority_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod_name(name, attempt),
+            "namespace": namespace,
+            "labels": {
+                "app.kubernetes.io/name": "kontinue-trainer",
+                "app.kubernetes.io/managed-by": "kontinue",
+                RUN_LABEL: run_label(name),
+                ATTEMPT_LABEL: str(attempt),
+            },
+            "annotations": {RUN_DIR_ANNOTATION: run.run_directory()},
+            "ownerReferences": [{
+                "apiVersion": body["apiVersion"], "kind": body["kind"], "name": name,
+                "uid": body["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True,
+            }],
+        },
+        "spec": pod_spec,
+    }

@@ -1,0 +1,207 @@
+"""The run's next step, decided from the TrainingRun and its pods alone (no I/O, no memory).
+
+Everything the operator knows lives on these objects, so an operator killed at any instant
+decides the same thing when it comes back. Writes are ordered so that every crash point is
+safe: the status names an attempt before its pod is created (pods have deterministic names),
+and a verdict is recorded in the status before the pod it came from is deleted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from kontinue.api.manifests import SpecError, parse_training_run
+from kontinue.operator.pods import build_trainer_pod, pod_name
+from kontinue.operator.verdicts import FAILED, PREEMPTED, RUNNING, SUCCEEDED, Verdict, judge_pod
+
+PENDING_PHASE, RUNNING_PHASE, PREEMPTED_PHASE = "Pending", "Running", "Preempted"
+SUCCEEDED_PHASE, FAILED_PHASE = "Succeeded", "Failed"
+TERMINAL_PHASES = (SUCCEEDED_PHASE, FAILED_PHASE)
+CONDITION_TYPES = ("Running", "Preempted", "Succeeded", "Failed")
+
+
+@dataclass(frozen=True)
+class Settings:
+    image: str = "ghcr.io/kontinue-dev/kontinue:0.1.0"
+    grace_seconds: int = 120
+    image_pull_timeout: float = 300.0
+    backoff_base: float = 10.0
+    backoff_max: float = 600.0
+
+
+@dataclass
+class Plan:
+    """What to write, in this order: status, then pods to delete, then the pod to create."""
+
+    status: dict[str, Any] = field(default_factory=dict)
+    delete: list[str] = field(default_factory=list)
+    create: dict[str, Any] | None = None
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+    requeue_after: float | None = None
+    verdict: Verdict | None = None
+
+    def event(self, kind: str, reason: str, message: str) -> None:
+        self.events.append((kind, reason, message))
+
+
+def timestamp(now: dt.datetime) -> str:
+    return now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def set_conditions(current: list[dict[str, Any]], now: dt.datetime,
+                   **wanted: tuple[str, str, str]) -> list[dict[str, Any]]:
+    """Conditions by type; lastTransitionTime moves only when a condition's status changes."""
+    by_type = {c["type"]: c for c in current}
+    for kind, (state, reason, message) in wanted.items():
+        old = by_type.get(kind, {})
+        by_type[kind] = {"type": kind, "status": state, "reason": reason, "message": message,
+                         "lastTransitionTime": old.get("lastTransitionTime", timestamp(now))
+                         if old.get("status") == state else timestamp(now)}
+    return [by_type[kind] for kind in CONDITION_TYPES if kind in by_type] + \
+        [c for kind, c in by_type.items() if kind not in CONDITION_TYPES]
+
+
+def _phase_change(plan: Plan, status: dict[str, Any], now: dt.datetime, phase: str, message: str,
+                  **conditions: tuple[str, str, str]) -> None:
+    plan.status.update(phase=phase, message=message,
+                       conditions=set_conditions(status.get("conditions") or [], now, **conditions))
+
+
+def decide(body: dict[str, Any], pods: list[dict[str, Any]], now: dt.datetime, settings: Settings) -> Plan:
+    """The next step for one TrainingRun given all pods labelled as its own."""
+    status = body.get("status") or {}
+    plan = Plan()
+    try:
+        run = parse_training_run(body)
+    except SpecError as error:
+        message = str(error)
+        if status.get("phase") != FAILED_PHASE or status.get("message") != message:
+            _phase_change(plan, status, now, FAILED_PHASE, message,
+                          Running=("False", "InvalidSpec", message), Failed=("True", "InvalidSpec", message))
+            plan.event("Warning", "InvalidSpec", message)
+        return plan
+    if status.get("phase") in TERMINAL_PHASES:
+        return plan
+    if status.get("observedGeneration") != body["metadata"].get("generation"):
+        plan.status["observedGeneration"] = body["metadata"].get("generation")
+
+    current = status.get("currentPod")
+    by_name = {pod["metadata"]["name"]: pod for pod in pods}
+    stale = [name for name, pod in by_name.items()
+             if name != current and not pod["metadata"].get("deletionTimestamp")]
+    plan.delete.extend(stale)
+
+    if current is None:
+        return _start_attempt(plan, body, run, status, by_name, now, settings)
+    pod = by_name.get(current)
+    if pod is None:
+        if not status.get("podUID"):  # named in the status, never created: the operator stopped in between
+            plan.create = build_trainer_pod(body, run, status["attempt"], image=settings.image,
+                                            grace_seconds=settings.grace_seconds)
+            return plan
+        verdict = Verdict(PREEMPTED, "PodDeleted", f"pod {current} disappeared before it finished "
+                          "(its node is gone, or it was deleted)")
+    else:
+        if status.get("podUID") != pod["metadata"].get("uid"):
+            plan.status["podUID"] = pod["metadata"].get("uid")
+        verdict = judge_pod(pod, now, settings.image_pull_timeout)
+    plan.verdict = verdict
+    if not verdict.final:
+        _observe_live_pod(plan, status, verdict, current, now)
+        return plan
+    outcome = {SUCCEEDED: _succeeded, PREEMPTED: _preempted, FAILED: _failed}[verdict.outcome]
+    outcome(plan, run, status, verdict, current, now, settings)
+    if pod is not None and verdict.outcome != SUCCEEDED:
+        plan.delete.append(current)  # the next attempt starts only once this pod is gone
+    return plan
+
+
+def _start_attempt(plan: Plan, body, run, status, by_name, now, settings) -> Plan:
+    retry_at = status.get("nextAttemptTime")
+    if retry_at:
+        wait = (dt.datetime.fromisoformat(retry_at.replace("Z", "+00:00")) - now).total_seconds()
+        if wait > 0:
+            plan.requeue_after = wait
+            return plan
+    if by_name:  # never two trainer pods writing one run directory
+        plan.requeue_after = 1.0
+        return plan
+    attempt = int(status.get("attempt") or 0) + 1
+    name = pod_name(run.metadata.name, attempt)
+    plan.status.update(attempt=attempt, currentPod=name, podUID=None, nextAttemptTime=None)
+    if not status.get("startTime"):
+        plan.status["startTime"] = timestamp(now)
+    resuming = f"resuming from {status['lastCheckpoint']['uri']} (step {status['lastCheckpoint'].get('step')})" \
+        if status.get("lastCheckpoint") else "starting from the beginning"
+    _phase_change(plan, status, now, PENDING_PHASE, f"attempt {attempt}: pod {name}, {resuming}",
+                  Running=("False", "PodPending", f"waiting for pod {name}"))
+    plan.create = build_trainer_pod(body, run, attempt, image=settings.image, grace_seconds=settings.grace_seconds)
+    plan.event("Normal", "AttemptStarted", f"attempt {attempt}: created pod {name}, {resuming}")
+    return plan
+
+
+def _observe_live_pod(plan: Plan, status, verdict: Verdict, current: str, now) -> None:
+    if verdict.outcome == RUNNING and status.get("phase") != RUNNING_PHASE:
+        message = f"attempt {status.get('attempt')}: pod {current} is running"
+        _phase_change(plan, status, now, RUNNING_PHASE, message, Running=("True", "PodRunning", message),
+                      Preempted=("False", "PodRunning", message))
+        plan.event("Normal", "Running", message)
+    elif verdict.outcome != RUNNING and verdict.reason != status.get("podReason"):
+        plan.status["message"] = f"pod {current}: {verdict.reason} {verdict.message}".strip()
+    plan.status["podReason"] = verdict.reason
+
+
+def _succeeded(plan: Plan, run, status, verdict: Verdict, current: str, now, settings) -> None:
+    word = verdict.trainer
+    message = f"attempt {status.get('attempt')} finished training"
+    _phase_change(plan, status, now, SUCCEEDED_PHASE, message, Running=("False", "Completed", message),
+                  Preempted=("False", "Completed", message), Succeeded=("True", "Completed", message))
+    plan.status.update(completionTime=timestamp(now), progress="100%", progressRatio=1.0, lastCheckpoint=None)
+    if word.get("model"):
+        plan.status["bestCheckpoint"] = {**(status.get("bestCheckpoint") or {}), "uri": word["model"]}
+    if word.get("dump"):
+        plan.status["dumpedModelUri"] = word["dump"]
+    scores = {**(word.get("scores") or {}), **{f"test_{k}": v for k, v in (word.get("test_scores") or {}).items()}}
+    if scores:
+        plan.status["metrics"] = scores
+    plan.event("Normal", "Succeeded", message)
+
+
+def _preempted(plan: Plan, run, status, verdict: Verdict, current: str, now, settings) -> None:
+    preemptions = int(status.get("preemptions") or 0) + 1
+    plan.status.update(preemptions=preemptions, currentPod=None, podUID=None, podReason=None,
+                       preemptedTime=timestamp(now))
+    step = verdict.trainer.get("step")
+    detail = f"pod {current} was preempted ({verdict.reason})" + (f" after step {step}" if step is not None else "")
+    if preemptions > run.spec.max_preemptions:
+        message = f"{detail}; that is more than spec.maxPreemptions ({run.spec.max_preemptions})"
+        _phase_change(plan, status, now, FAILED_PHASE, message, Running=("False", "TooManyPreemptions", message),
+                      Failed=("True", "TooManyPreemptions", message))
+        plan.status["completionTime"] = timestamp(now)
+        plan.event("Warning", "TooManyPreemptions", message)
+        return
+    message = f"{detail}; the next attempt resumes from the last checkpoint"
+    _phase_change(plan, status, now, PREEMPTED_PHASE, message, Running=("False", verdict.reason, message),
+                  Preempted=("True", verdict.reason, message))
+    plan.event("Warning", "Preempted", message)
+
+
+def _failed(plan: Plan, run, status, verdict: Verdict, current: str, now, settings: Settings) -> None:
+    failures = int(status.get("failures") or 0) + 1
+    plan.status.update(failures=failures, currentPod=None, podUID=None, podReason=None)
+    detail = f"pod {current} failed ({verdict.reason}): {verdict.message}"
+    if failures > run.spec.backoff_limit:
+        message = f"{detail}; gave up after {failures} failures (spec.backoffLimit is {run.spec.backoff_limit})"
+        _phase_change(plan, status, now, FAILED_PHASE, message, Running=("False", verdict.reason, message),
+                      Failed=("True", verdict.reason, message))
+        plan.status["completionTime"] = timestamp(now)
+        plan.event("Warning", "Failed", message)
+        return
+    delay = min(settings.backoff_max, settings.backoff_base * 2 ** (failures - 1))
+    message = f"{detail}; retrying in {delay:.0f}s (failure {failures} of {run.spec.backoff_limit} allowed)"
+    plan.status["nextAttemptTime"] = timestamp(now + dt.timedelta(seconds=delay))
+    _phase_change(plan, status, now, PENDING_PHASE, message, Running=("False", "BackOff", message))
+    plan.event("Warning", "AttemptFailed", message)
+    plan.requeue_after = delay

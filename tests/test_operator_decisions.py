@@ -1,0 +1,231 @@
+"""The operator's pure decisions: spec -> pod manifest, pod -> verdict, (run, pods) -> plan."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+
+import kubernetes_validate
+import pytest
+
+from kontinue.api.manifests import parse_training_run
+from kontinue.operator.pods import RUN_LABEL, build_trainer_pod
+from kontinue.operator.reconcile import Settings, decide
+from kontinue.operator.verdicts import FAILED, PENDING, PREEMPTED, RUNNING, SUCCEEDED, judge_pod
+
+NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.timezone.utc)
+SETTINGS = Settings(image="registry.example/kontinue:1", backoff_base=10, backoff_max=600)
+
+
+def run_body(**spec) -> dict:
+    body = {
+        "apiVersion": "kontinue.dev/v1alpha1", "kind": "TrainingRun",
+        "metadata": {"name": "sst", "namespace": "ml", "uid": "uid-1", "generation": 1},
+        "spec": {"task": {"label": "label"}, "data": {"train": "s3://data/sst/train.parquet"},
+                 "model": {"hfText": {"checkpoint": "/models/minilm"}},
+                 "checkpoint": {"storage": "s3://runs/ckpt", "secretRef": {"name": "s3"}, "intervalSteps": 50},
+                 "maxPreemptions": 2, "backoffLimit": 1},
+    }
+    body["spec"].update(spec)
+    return body
+
+
+def gpu_body() -> dict:
+    return run_body(resources={
+        "gpus": 2, "cpu": "8", "memory": "32Gi", "nodeSelector": {"cloud.google.com/gke-spot": "true"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "priorityClassName": "spot-training"})
+
+
+@pytest.mark.parametrize("body", [run_body(), gpu_body()], ids=["cpu", "gpu"])
+def test_trainer_pod_is_a_valid_locked_down_pod(body):
+    pod = build_trainer_pod(body, parse_training_run(body), 3, image=SETTINGS.image, grace_seconds=90)
+    kubernetes_validate.validate(pod, "1.33.0", strict=True)
+    assert pod["metadata"]["name"] == "sst-3"
+    assert pod["metadata"]["labels"][RUN_LABEL] == "sst"
+    owner = pod["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["uid"], owner["controller"]) == ("TrainingRun", "uid-1", True)
+    spec, container = pod["spec"], pod["spec"]["containers"][0]
+    assert spec["restartPolicy"] == "Never" and spec["terminationGracePeriodSeconds"] == 90
+    assert spec["securityContext"]["runAsNonRoot"] and spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+    assert container["command"] == ["kontinue", "train"]
+    assert container["args"][container["args"].index("--run-dir") + 1] == "s3://runs/ckpt/ml/sst/"
+    credentials = [e for e in container["env"] if "valueFrom" in e]
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in credentials} == {"s3"}
+    assert all("value" not in e for e in credentials), "credentials come from the Secret only"
+    spec_env = json.loads(next(e["value"] for e in container["env"] if e["name"] == "KONTINUE_SPEC"))
+    assert parse_training_run(spec_env).spec == parse_training_run(body).spec
+
+
+def test_gpu_pod_requests_gpus_and_placement():
+    pod = build_trainer_pod(gpu_body(), parse_training_run(gpu_body()), 1, image=SETTINGS.image)
+    container = pod["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert container["resources"]["requests"] == {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "2"}
+    assert pod["spec"]["nodeSelector"] == {"cloud.google.com/gke-spot": "true"}
+    assert pod["spec"]["priorityClassName"] == "spot-training"
+    assert pod["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in pod["spec"]["volumes"])
+
+
+# -- verdicts ------------------------------------------------------------------------------------
+
+def pod_state(*, phase="Running", terminated=None, waiting=None, conditions=(), deleting=False,
+              created=NOW - dt.timedelta(seconds=30), name="sst-1", reason=None) -> dict:
+    state = {"terminated": terminated} if terminated else {"waiting": waiting} if waiting else {"running": {}}
+    pod = {"metadata": {"name": name, "uid": f"pod-{name}", "creationTimestamp": created.isoformat()},
+           "status": {"phase": phase, "conditions": list(conditions),
+                      "containerStatuses": [{"name": "trainer", "state": state}]}}
+    if deleting:
+        pod["metadata"]["deletionTimestamp"] = NOW.isoformat()
+    if reason:
+        pod["status"]["reason"] = reason
+    return pod
+
+
+def exited(code: int, word: dict | None = None, reason: str = "Error") -> dict:
+    return {"exitCode": code, "reason": reason, "message": json.dumps(word) if word else ""}
+
+
+DISRUPTED = {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler",
+             "message": "preempted by a higher priority pod"}
+
+
+@pytest.mark.parametrize("pod, outcome, reason", [
+    (pod_state(), RUNNING, "Running"),
+    (pod_state(phase="Pending", waiting={"reason": "ContainerCreating"}), PENDING, "ContainerCreating"),
+    (pod_state(phase="Succeeded", terminated=exited(0, {"result": "succeeded"}, "Completed")), SUCCEEDED, "Completed"),
+    (pod_state(phase="Failed", terminated=exited(75, {"result": "preempted", "step": 40}), conditions=[DISRUPTED]),
+     PREEMPTED, "PreemptionByScheduler"),
+    # Lightning's exit 0 after SIGTERM must not read as success: the condition decides
+    (pod_state(phase="Succeeded", terminated=exited(0), conditions=[DISRUPTED]), PREEMPTED, "PreemptionByScheduler"),
+    (pod_state(phase="Failed", terminated=exited(75, {"result": "preempted", "step": 7})), PREEMPTED, "TrainerStopped"),
+    (pod_state(phase="Failed", terminated=exited(137, reason="OOMKilled")), FAILED, "OOMKilled"),
+    (pod_state(phase="Failed", terminated=exited(143)), PREEMPTED, "KilledBySignal"),
+    (pod_state(phase="Failed", terminated=exited(1)), FAILED, "TrainerError"),
+    (pod_state(phase="Failed", terminated=exited(2)), FAILED, "InvalidSpec"),
+    (pod_state(phase="Succeeded", terminated=exited(0, reason="Completed")), FAILED, "NoResult"),
+    (pod_state(phase="Failed", reason="Evicted", terminated=None, waiting={"reason": "x"}), PREEMPTED, "Evicted"),
+    (pod_state(phase="Pending", waiting={"reason": "ImagePullBackOff"}), PENDING, "ImagePullBackOff"),
+    (pod_state(phase="Pending", waiting={"reason": "ImagePullBackOff"}, created=NOW - dt.timedelta(minutes=6)),
+     FAILED, "ImagePullFailed"),
+    (pod_state(phase="Pending", waiting={"reason": "InvalidImageName"}), FAILED, "ImagePullFailed"),
+    (pod_state(conditions=[DISRUPTED], deleting=True), RUNNING, "Terminating"),
+])
+def test_verdicts(pod, outcome, reason):
+    verdict = judge_pod(pod, NOW, image_pull_timeout=300)
+    assert (verdict.outcome, verdict.reason) == (outcome, reason)
+
+
+# -- decisions -------------------------------------------------------------------------------------
+
+def apply(body: dict, plan) -> dict:
+    """What the API server would hold after the operator wrote the plan's status (merge patch)."""
+    body = copy.deepcopy(body)
+    status = body.setdefault("status", {})
+    for key, value in plan.status.items():
+        if value is None:
+            status.pop(key, None)
+        else:
+            status[key] = value
+    return body
+
+
+def test_a_new_run_gets_attempt_one_and_its_pod():
+    body = run_body()
+    plan = decide(body, [], NOW, SETTINGS)
+    assert plan.create["metadata"]["name"] == "sst-1"
+    assert plan.status["attempt"] == 1 and plan.status["currentPod"] == "sst-1" and plan.status["phase"] == "Pending"
+    assert [e[1] for e in plan.events] == ["AttemptStarted"]
+    body = apply(body, plan)
+    # the operator died after writing the status, before creating the pod: it creates the same pod again
+    again = decide(body, [], NOW, SETTINGS)
+    assert again.create["metadata"]["name"] == "sst-1" and not again.events
+
+
+def test_running_then_preempted_then_resumed_once_the_old_pod_is_gone():
+    body = apply(run_body(), decide(run_body(), [], NOW, SETTINGS))
+    running = pod_state()
+    plan = decide(body, [running], NOW, SETTINGS)
+    assert plan.status["phase"] == "Running" and [e[1] for e in plan.events] == ["Running"]
+    body = apply(body, plan)
+    assert decide(body, [running], NOW, SETTINGS).events == []  # no transition, no event
+
+    preempted = pod_state(phase="Failed", terminated=exited(75, {"result": "preempted", "step": 40}),
+                          conditions=[DISRUPTED])
+    plan = decide(body, [preempted], NOW, SETTINGS)
+    assert plan.status["phase"] == "Preempted" and plan.status["preemptions"] == 1
+    assert plan.delete == ["sst-1"] and plan.create is None
+    assert "after step 40" in plan.events[0][2]
+    body = apply(body, plan)
+    terminating = copy.deepcopy(preempted)
+    terminating["metadata"]["deletionTimestamp"] = NOW.isoformat()
+    waiting = decide(body, [terminating], NOW, SETTINGS)
+    assert waiting.create is None and waiting.requeue_after, "never two trainer pods for one run"
+    plan = decide(body, [], NOW, SETTINGS)
+    assert plan.create["metadata"]["name"] == "sst-2" and plan.status["attempt"] == 2
+    assert plan.status.get("preemptions") is None  # counted once only
+
+
+def test_preemptions_beyond_the_limit_fail_the_run():
+    body = run_body()
+    body["status"] = {"attempt": 3, "currentPod": "sst-3", "podUID": "pod-sst-3", "preemptions": 2,
+                      "phase": "Running"}
+    plan = decide(body, [pod_state(name="sst-3", phase="Failed", terminated=exited(143))], NOW, SETTINGS)
+    assert plan.status["phase"] == "Failed"
+    assert plan.status["conditions"][-1]["reason"] == "TooManyPreemptions"
+    assert "spec.maxPreemptions" in plan.status["message"]
+
+
+def test_failures_back_off_then_fail_with_the_reason_while_preemptions_do_not_count():
+    body = run_body()
+    body["status"] = {"attempt": 1, "currentPod": "sst-1", "podUID": "pod-sst-1", "phase": "Running",
+                      "preemptions": 2}
+    crashed = pod_state(phase="Failed", terminated=exited(1, reason="Error"))
+    plan = decide(body, [crashed], NOW, SETTINGS)
+    assert plan.status["failures"] == 1 and plan.status["nextAttemptTime"] == "2026-11-22T12:00:10Z"
+    assert plan.requeue_after == 10 and plan.delete == ["sst-1"]
+    body = apply(body, plan)
+    assert decide(body, [], NOW + dt.timedelta(seconds=5), SETTINGS).create is None  # still backing off
+    plan = decide(body, [], NOW + dt.timedelta(seconds=11), SETTINGS)
+    assert plan.create["metadata"]["name"] == "sst-2"
+    body = apply(body, plan)
+    body["status"]["podUID"] = "pod-sst-2"
+    plan = decide(body, [pod_state(name="sst-2", phase="Failed", terminated=exited(137, reason="OOMKilled"))],
+                  NOW, SETTINGS)
+    assert plan.status["phase"] == "Failed" and plan.status["failures"] == 2
+    failed = next(c for c in plan.status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "OOMKilled" and "spec.resources.memory" in failed["message"]
+
+
+def test_a_pod_that_vanishes_is_a_preemption():
+    body = run_body()
+    body["status"] = {"attempt": 1, "currentPod": "sst-1", "podUID": "pod-sst-1", "phase": "Running"}
+    plan = decide(body, [], NOW, SETTINGS)
+    assert plan.status["preemptions"] == 1 and plan.status["conditions"][-1]["reason"] == "PodDeleted"
+
+
+def test_an_invalid_spec_fails_the_run_naming_the_field_once():
+    body = run_body(hyperparameters={"optim.lrr": 0.1})
+    plan = decide(body, [], NOW, SETTINGS)
+    assert plan.status["phase"] == "Failed" and plan.create is None
+    assert "spec.hyperparameters.optim.lrr" in plan.status["message"]
+    assert [e[1] for e in plan.events] == ["InvalidSpec"]
+    assert decide(apply(body, plan), [], NOW, SETTINGS).status == {}
+
+
+def test_success_records_the_trainer_result():
+    body = run_body()
+    body["status"] = {"attempt": 2, "currentPod": "sst-2", "podUID": "pod-sst-2", "phase": "Running",
+                      "lastCheckpoint": {"step": 40}}
+    word = {"result": "succeeded", "model": "s3://runs/ckpt/ml/sst/model.ckpt",
+            "dump": "s3://runs/ckpt/ml/sst/dump", "scores": {"accuracy": 0.8}, "test_scores": {"accuracy": 0.79}}
+    plan = decide(body, [pod_state(name="sst-2", phase="Succeeded", terminated=exited(0, word, "Completed"))],
+                  NOW, SETTINGS)
+    assert plan.status["phase"] == "Succeeded" and plan.delete == []
+    assert plan.status["metrics"] == {"accuracy": 0.8, "test_accuracy": 0.79}
+    assert plan.status["dumpedModelUri"].endswith("/dump") and plan.status["lastCheckpoint"] is None
+    assert {c["type"]: c["status"] for c in plan.status["conditions"]}["Succeeded"] == "True"
