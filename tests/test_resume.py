@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from pathlib import Path
@@ -79,6 +80,27 @@ def test_preempted_before_the_first_step_resumes_from_the_starting_weights(refer
     assert final.exit_code == 0, final.output[-3000:]
     status = assert_same_outcome(run_dir, reference_dir)
     assert status["attempts"][1]["fromStep"] == status["attempts"][0]["toStep"]
+
+
+def test_a_stop_during_a_validation_inside_an_accumulated_step_waits_for_the_step(reference, tmp_path, reviews):
+    """Here a validation falls between the two batches of one accumulated step (after batch 15 of
+    30, two batches a step). Gradients are not in a checkpoint, so a resume point taken there would
+    lose half a step: the stop must wait for step 8. A slow validation makes SIGTERM land in it."""
+    manifest, reference_dir = reference
+    manifest = copy.deepcopy(manifest)
+    slow_validation = tmp_path / "validation.parquet"
+    reviews[400:3400].to_parquet(slow_validation)
+    manifest["spec"]["data"]["validation"] = str(slow_validation)
+    manifest["spec"]["checkpoint"]["intervalSteps"] = 7
+    harness = Trainer(tmp_path)
+    run_dir = tmp_path / "store" / "tests" / "exact"
+    attempt = harness.attempt(manifest, str(run_dir), preempt_after_step=7)
+    assert attempt.exit_code == PREEMPTED_EXIT_CODE, attempt.output[-3000:]
+    assert read_status(run_dir)["lastCheckpoint"]["step"] == 8
+    final = harness.attempt(manifest, str(run_dir))
+    assert final.exit_code == 0, final.output[-3000:]
+    # validation does not touch the weights, so the trained state is the reference's
+    assert read_status(run_dir)["finalState"] == read_status(reference_dir)["finalState"]
 
 
 def test_truncated_newest_checkpoint_resumes_from_the_previous_one(reference, tmp_path):

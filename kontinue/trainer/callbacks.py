@@ -89,6 +89,11 @@ class ResumePoints(pl.Callback):
         # Installed after Lightning's own handlers so a stop never aborts a step or a validation.
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
+        if trainer.received_sigterm:
+            # It reached Lightning's handler during set-up, before ours: take it over, or Lightning ends
+            # the fit with its own SIGTERMException (exit code 0) without a resume point.
+            self.stop_requested = True
+            trainer._signal_connector.received_sigterm = False
         if trainer.ckpt_path is None:  # the starting weights are state too (pretrained or continued)
             self._save(trainer)
         self._last_save = time.monotonic()
@@ -124,13 +129,19 @@ class ResumePoints(pl.Callback):
         epoch_loop = trainer.fit_loop.epoch_loop
         if epoch_loop._should_accumulate():
             return
-        self._save_pending = self._agreed(trainer, self.stop_requested or self._periodic_due(trainer))
+        wish = self._save_pending or self.stop_requested or self._periodic_due(trainer)
+        self._save_pending = self._agreed(trainer, wish)
         # When a validation follows this step, the resume point waits until it is done.
         if self._save_pending and not epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
             self._save(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        # A validation can fall between the batches of one accumulated step; gradients are not
+        # part of a checkpoint, so the save then waits for the step to complete.
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            self._save_pending = self._save_pending or self.stop_requested
             return
         if self._save_pending or self._agreed(trainer, self.stop_requested):
             self._save(trainer)

@@ -70,7 +70,7 @@ class Predictor:
 
     @property
     def problem(self) -> Problem:
-        if self._problem is None:
+        if self._problem is None or self._module is None:
             raise RuntimeError("the predictor is not fitted yet; call fit() or Predictor.load()")
         return self._problem
 
@@ -87,14 +87,16 @@ class Predictor:
             return self._fit_resumed(train_data, tuning_data, time_limit)
         continuing = self._module is not None  # AutoMM use case 1: keep training a fitted predictor
         if self.run_dir.read_metadata() is not None:
-            if continuing:
+            if not (self.run_dir.has_resume_point() or self.run_dir.has_best_model()):
+                # also a continueFrom run retried after dying before its first resume point: it
+                # starts over in its own run directory, not in a new path
+                log.info("%s holds a run that never saved a step; starting it over", self.path)
+            elif continuing:
                 log.info("continuing from the fitted weights of %s into a new path", self.path)
                 self._run_dir = RunDirectory(_default_path())
-            elif self.run_dir.has_resume_point() or self.run_dir.has_best_model():
+            else:
                 raise ValueError(f"path: {self.path} already holds a predictor; use Predictor.load(path, "
                                  "resume=True) to continue it, or choose a new path")
-            else:
-                log.info("%s holds a run that never saved a step; starting it over", self.path)
         if self.label is None:
             raise ValueError("label: the predictor needs the name of the label column")
         base = self._metadata["hyperparameters"] if continuing else self.hyperparameters
@@ -119,6 +121,7 @@ class Predictor:
             "version": FORMAT_VERSION, "label": self.label, "problem": problem.to_dict(),
             "hyperparameters": hp, "columns": columns, "seed": seed, "time_limit": time_limit,
             "holdout_frac": holdout_frac, "data_fingerprint": table_fingerprint(train_data), "created": now(),
+            "continued": continuing,  # its starting weights are another predictor's, not checkpoint_name's
         }
         for prefix, backbone in module.backbones.items():
             backbone.save_assets(self.run_dir.path / "assets" / prefix)
@@ -132,13 +135,23 @@ class Predictor:
 
     def _fit_resumed(self, train_data, tuning_data, time_limit) -> "Predictor":
         metadata = self._metadata
+        self._resume = False
+        if not self.run_dir.has_resume_point() and "lastCheckpoint" not in self.run_dir.status:
+            # Stopped before its first resume point (killed during set-up): nothing was trained.
+            if metadata.get("continued"):
+                raise FileNotFoundError(
+                    f"path: {self.run_dir.uri} was stopped before its first resume point, and the fitted weights "
+                    "it continued from are not stored there; continue the original predictor again")
+            log.info("%s was stopped before its first resume point; starting it over", self.run_dir.uri)
+            self._module, self.hyperparameters = None, dict(metadata["hyperparameters"])
+            return self.fit(train_data, tuning_data, time_limit=time_limit or metadata["time_limit"],
+                            seed=metadata["seed"], holdout_frac=metadata["holdout_frac"])
         if tuning_data is None:  # the same hold-out as the first attempt
             tuning_data = train_data.sample(frac=metadata["holdout_frac"], random_state=metadata["seed"])
             train_data = train_data.drop(tuning_data.index)
         if table_fingerprint(train_data) != metadata["data_fingerprint"]:
             self.run_dir.warn("the training data differs from the data this run started with; "
                               "the resumed run will not match an uninterrupted one")
-        self._resume = False
         ckpt_path = self.run_dir.find_resume_point()
         if ckpt_path is None:
             raise FileNotFoundError(
@@ -163,11 +176,14 @@ class Predictor:
         run_dir = self.run_dir
         callbacks = [
             RandomState(),
-            ResumePoints(run_dir, hp["env.checkpoint_every_n_steps"], hp["env.checkpoint_every_n_minutes"]),
             BestModel(run_dir, problem.higher_is_better),
             StatusReporter(run_dir),
             EarlyStopping(monitor="val_score", mode="max" if problem.higher_is_better else "min",
-                          patience=hp["optim.patience"]),
+                          patience=hp["optim.patience"], check_on_train_epoch_end=False),
+            # Last: a resume point taken at a validation must hold what the callbacks above made of it
+            # (else a resumed run forgets that validation's best model), and an attempt stopped at its
+            # first resume point must already be recorded in status.json.
+            ResumePoints(run_dir, hp["env.checkpoint_every_n_steps"], hp["env.checkpoint_every_n_minutes"]),
         ]
         trainer = pl.Trainer(
             accelerator=accelerator, devices=devices, strategy=strategy, precision=precision,
@@ -179,6 +195,7 @@ class Predictor:
             enable_progress_bar=self._progress_bar(), enable_model_summary=False,
             use_distributed_sampler=False, default_root_dir=str(run_dir.path),
         )
+        module.train()  # predict/evaluate leave it in eval mode, and Lightning does not switch it back
         trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None,
                     weights_only=True)
         if trainer.is_global_zero:
@@ -226,6 +243,7 @@ class Predictor:
 
     # -- inference -----------------------------------------------------------------------------------
     def _outputs(self, data: pd.DataFrame, with_targets: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self.problem  # noqa: B018 -- "not fitted yet" rather than a TypeError below
         hp = self._metadata["hyperparameters"]
         loader = self._loader(data, shuffle=False, with_targets=with_targets,
                               batch_size=hp["env.per_gpu_batch_size"] * hp["env.eval_batch_size_ratio"])
@@ -306,12 +324,14 @@ class Predictor:
 
     def dump_model(self, save_path: str | Path | None = None) -> str:
         """Writes each backbone in its library's own format: `<save_path>/hf_text/` etc."""
+        self.problem  # noqa: B018 -- "not fitted yet" rather than an AttributeError below
         target = Path(save_path) if save_path else self.run_dir.path / "dump"
         for prefix, backbone in self._module.backbones.items():
             backbone.dump(target / prefix)
-        if self.run_dir.remote is not None and target == self.run_dir.path / "dump":
-            self.run_dir.remote.sync_up(target, "dump")
-        self.run_dir.update_status(dumpedModel=f"{self.run_dir.uri.rstrip('/')}/dump")
+        if target.absolute() == self.run_dir.path / "dump":  # a dump elsewhere leaves the run's status alone
+            if self.run_dir.remote is not None:
+                self.run_dir.remote.sync_up(target, "dump")
+            self.run_dir.update_status(dumpedModel=f"{self.run_dir.uri.rstrip('/')}/dump")
         return str(target)
 
 

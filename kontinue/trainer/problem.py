@@ -98,7 +98,8 @@ class Problem:
     def decode(self, outputs: torch.Tensor) -> np.ndarray:
         """Model outputs to label values (class names, or de-standardised numbers)."""
         if self.problem_type in CLASSIFICATION:
-            return np.asarray(self.classes, dtype=object)[outputs.argmax(dim=-1).numpy()]
+            # the label's own dtype (int64 for 0/1 labels), as AutoMM returns; object only for mixed types
+            return pd.Series(self.classes).to_numpy()[outputs.argmax(dim=-1).numpy()]
         return outputs.squeeze(-1).double().numpy() * self.target_std + self.target_mean
 
     def probabilities(self, outputs: torch.Tensor) -> torch.Tensor:

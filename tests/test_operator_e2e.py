@@ -1,0 +1,87 @@
+"""The operator end to end: kopf (its own process) against the API emulator over HTTP, a
+harness kubelet running the real trainer, checkpoints in a real S3-protocol server."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from tests.trainer_fixtures import Trainer, training_run
+
+OPERATOR_ARGS = ("--metrics-port", "0", "--health-port", "0", "--image", "kontinue:test",
+                 "--grace-seconds", "30", "--backoff-seconds", "1")
+
+
+@pytest.fixture(scope="module")
+def reference_state(tmp_path_factory, tiny_bert, review_tables) -> str:
+    """finalState.sha256 of the same run, uninterrupted, by `kontinue train` alone."""
+    workdir = tmp_path_factory.mktemp("operator-reference")
+    manifest = training_run("e2e", str(workdir / "store"), review_tables, tiny_bert)
+    attempt = Trainer(workdir).attempt(manifest, str(workdir / "store" / "tests" / "e2e"))
+    assert attempt.exit_code == 0, attempt.output[-3000:]
+    return json.loads((workdir / "store" / "tests" / "e2e" / "status.json").read_text())["finalState"]["sha256"]
+
+
+@pytest.fixture
+def s3_run(kube, s3_server, tiny_bert, review_tables):
+    """A TrainingRun checkpointing to S3, with its credentials in a Secret."""
+    bucket = s3_server.make_bucket("e2e")
+    kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials"},
+                 "stringData": {"endpoint": s3_server.endpoint, "accessKey": s3_server.access_key,
+                                "secretKey": s3_server.secret_key}})
+    manifest = training_run("e2e", f"s3://{bucket}/store", review_tables, tiny_bert)
+    manifest["spec"]["checkpoint"]["secretRef"] = {"name": "s3-credentials"}
+    manifest["metadata"]["namespace"] = kube.namespace
+
+    def trainer_status() -> dict:
+        try:
+            return json.loads(s3_server.client().get_object(bucket, f"store/{kube.namespace}/e2e/status.json").read())
+        except Exception:  # not written yet
+            return {}
+    return manifest, trainer_status
+
+
+def run_status(kube) -> dict:
+    return (kube.get("trainingruns", kube.namespace, "e2e") or {}).get("status") or {}
+
+
+def preempt_after_checkpoint(kube, kubelet, trainer_status, step: int) -> None:
+    """Once the trainer has a resume point at `step` or later, preempt its pod as a node would."""
+    kube.wait_for(lambda: (trainer_status().get("lastCheckpoint") or {}).get("step", -1) >= step
+                  and run_status(kube).get("phase") == "Running", 120, f"a checkpoint at step {step}")
+    pod = run_status(kube)["currentPod"]
+    kubelet.preempt(pod, reason=random.choice(["PreemptionByScheduler", "TerminationByKubelet"]))
+
+
+def transition_reasons(kube) -> list[str]:
+    events = sorted(kube.events(kube.namespace, "e2e"), key=lambda e: int(e["metadata"]["resourceVersion"]))
+    return [event["reason"] for event in events]
+
+
+def test_preempted_twice_the_run_finishes_bit_identical(kube, kubelet, operator_process, s3_run, reference_state):
+    manifest, trainer_status = s3_run
+    operator_process.start(*OPERATOR_ARGS)
+    kube.create(manifest)
+    preempt_after_checkpoint(kube, kubelet, trainer_status, random.randint(1, 8))
+    preempt_after_checkpoint(kube, kubelet, trainer_status, trainer_status()["lastCheckpoint"]["step"] + random.randint(1, 6))
+    kube.wait_for(lambda: run_status(kube).get("phase") in ("Succeeded", "Failed"), 240, "the run to finish")
+
+    status = run_status(kube)
+    assert status["phase"] == "Succeeded", status
+    assert status["preemptions"] == 2 and status.get("failures", 0) == 0 and status["attempt"] == 3
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Succeeded"]["status"] == "True" and conditions["Running"]["status"] == "False"
+    trainer = trainer_status()
+    assert trainer["finalState"]["sha256"] == reference_state, \
+        f"the resumed run must end bit-identical: {json.dumps(trainer, indent=1)}\n{kubelet.dump()}"
+    attempts = trainer["attempts"]
+    assert [a["outcome"] for a in attempts][-2:] == ["preempted", "completed"]
+    for before, after in zip(attempts, attempts[1:]):
+        assert after["fromStep"] == before["toStep"], attempts
+    assert transition_reasons(kube) == ["AttemptStarted", "Running", "Preempted"] * 2 + \
+        ["AttemptStarted", "Running", "Succeeded"]
+    assert status["metrics"] and status["dumpedModelUri"].endswith("/dump")
+    pods = kube.list("pods", kube.namespace)
+    assert [p["metadata"]["name"] for p in pods] == ["e2e-3"], "earlier attempts' pods are gone"
