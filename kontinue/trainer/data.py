@@ -52,10 +52,9 @@ class ResumableBatchSampler(Sampler[list[int]]):
     each rank takes its own slice of every global batch.
     """
 
-    def __init__(self, size: int, batch_size: int, *, seed: int, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(self, size: int, batch_size: int, *, seed: int, shuffle: bool = True, world_size: int = 1):
         self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
-        self.rank, self.world_size = rank, world_size
+        self.world_size = world_size
         self.epoch = 0
         self.consumed = 0
         self._skip: tuple[int, int] | None = None
@@ -70,7 +69,10 @@ class ResumableBatchSampler(Sampler[list[int]]):
         else:
             order = list(range(self.size))
         step = self.batch_size * self.world_size
-        return [order[start:start + step] for start in range(0, self.size, step)]
+        # Every rank must get a slice of the same size (DDP gathers them), so a short last batch
+        # is topped up with the first samples; validation drops the repeats by index.
+        return [batch + order[:-len(batch) % self.world_size]
+                for batch in (order[start:start + step] for start in range(0, self.size, step))]
 
     def __len__(self) -> int:
         return -(-self.size // (self.batch_size * self.world_size))
@@ -80,8 +82,10 @@ class ResumableBatchSampler(Sampler[list[int]]):
         if self._skip is not None and self._skip[0] == self.epoch:
             start = self._skip[1]
         self._skip = None
+        # The rank is asked for here: loaders are built before Lightning starts the process group.
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         for self.consumed, batch in enumerate(self._global_batches()[start:], start=start + 1):
-            yield batch[self.rank::self.world_size]
+            yield batch[rank::self.world_size]
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "consumed": self.consumed}

@@ -225,7 +225,6 @@ class Predictor:
         encoded = [backbone.encode(data) for backbone in backbones.values()]
         features = [dict(pair for part in row for pair in part.items()) for row in zip(*encoded)]
         targets = self.problem.encode(data[self.label]) if with_targets else None
-        rank = int(torch.distributed.get_rank()) if torch.distributed.is_initialized() else 0
 
         def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
             batch = {"index": torch.tensor([item["index"] for item in items])}
@@ -236,7 +235,7 @@ class Predictor:
             return batch
 
         sampler = ResumableBatchSampler(len(features), batch_size, seed=self._metadata["seed"], shuffle=shuffle,
-                                        rank=rank, world_size=world_size)
+                                        world_size=world_size)
         return ResumableDataLoader(EncodedDataset(features, targets), batch_sampler=sampler, collate_fn=collate,
                                    num_workers=self._metadata["hyperparameters"]["env.num_workers"],
                                    generator=torch.Generator().manual_seed(self._metadata["seed"]))
