@@ -8,20 +8,8 @@ import random
 
 import pytest
 
-from tests.trainer_fixtures import Trainer, training_run
-
-OPERATOR_ARGS = ("--metrics-port", "0", "--health-port", "0", "--image", "kontinue:test",
-                 "--grace-seconds", "30", "--backoff-seconds", "1")
-
-
-@pytest.fixture(scope="module")
-def reference_state(tmp_path_factory, tiny_bert, review_tables) -> str:
-    """finalState.sha256 of the same run, uninterrupted, by `kontinue train` alone."""
-    workdir = tmp_path_factory.mktemp("operator-reference")
-    manifest = training_run("e2e", str(workdir / "store"), review_tables, tiny_bert)
-    attempt = Trainer(workdir).attempt(manifest, str(workdir / "store" / "tests" / "e2e"))
-    assert attempt.exit_code == 0, attempt.output[-3000:]
-    return json.loads((workdir / "store" / "tests" / "e2e" / "status.json").read_text())["finalState"]["sha256"]
+from tests.operator_helpers import OPERATOR_ARGS, preempt_after_checkpoint, run_status, transition_reasons
+from tests.trainer_fixtures import training_run
 
 
 @pytest.fixture
@@ -41,23 +29,6 @@ def s3_run(kube, s3_server, tiny_bert, review_tables):
         except Exception:  # not written yet
             return {}
     return manifest, trainer_status
-
-
-def run_status(kube) -> dict:
-    return (kube.get("trainingruns", kube.namespace, "e2e") or {}).get("status") or {}
-
-
-def preempt_after_checkpoint(kube, kubelet, trainer_status, step: int) -> None:
-    """Once the trainer has a resume point at `step` or later, preempt its pod as a node would."""
-    kube.wait_for(lambda: (trainer_status().get("lastCheckpoint") or {}).get("step", -1) >= step
-                  and run_status(kube).get("phase") == "Running", 120, f"a checkpoint at step {step}")
-    pod = run_status(kube)["currentPod"]
-    kubelet.preempt(pod, reason=random.choice(["PreemptionByScheduler", "TerminationByKubelet"]))
-
-
-def transition_reasons(kube) -> list[str]:
-    events = sorted(kube.events(kube.namespace, "e2e"), key=lambda e: int(e["metadata"]["resourceVersion"]))
-    return [event["reason"] for event in events]
 
 
 def test_preempted_twice_the_run_finishes_bit_identical(kube, kubelet, operator_process, s3_run, reference_state):

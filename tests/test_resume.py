@@ -82,6 +82,19 @@ def test_preempted_before_the_first_step_resumes_from_the_starting_weights(refer
     assert status["attempts"][1]["fromStep"] == status["attempts"][0]["toStep"]
 
 
+def test_preempted_during_set_up_exits_as_preempted_and_resumes_exactly(reference, tmp_path):
+    """SIGTERM while the trainer still imports and loads: kept, then a clean stop at step 0."""
+    manifest, reference_dir = reference
+    harness = Trainer(tmp_path)
+    run_dir = tmp_path / "store" / "tests" / "exact"
+    attempt = harness.attempt(manifest, str(run_dir), preempt_after_seconds=1.5)
+    assert attempt.exit_code == PREEMPTED_EXIT_CODE, attempt.output[-3000:]
+    assert read_status(run_dir)["lastCheckpoint"]["step"] == 0
+    final = harness.attempt(manifest, str(run_dir))
+    assert final.exit_code == 0, final.output[-3000:]
+    assert_same_outcome(run_dir, reference_dir)
+
+
 def test_a_stop_during_a_validation_inside_an_accumulated_step_waits_for_the_step(reference, tmp_path, reviews):
     """Here a validation falls between the two batches of one accumulated step (after batch 15 of
     30, two batches a step). Gradients are not in a checkpoint, so a resume point taken there would

@@ -97,8 +97,10 @@ class Trainer:
         return path
 
     def attempt(self, manifest: dict, run_dir: str, *, preempt_after_step: int | None = None,
-                status_file: Path | None = None, timeout: float = 300) -> Attempt:
-        """One attempt; with preempt_after_step, SIGTERM once a checkpoint at or past that step exists."""
+                preempt_after_seconds: float | None = None, status_file: Path | None = None,
+                timeout: float = 300) -> Attempt:
+        """One attempt; SIGTERM once a checkpoint at or past preempt_after_step exists, or after
+        preempt_after_seconds."""
         log = self.workdir / f"attempt-{time.monotonic_ns()}.log"
         status_file = status_file or Path(run_dir) / "status.json"
         with open(log, "w") as out:
@@ -107,6 +109,9 @@ class Trainer:
                  "--run-dir", run_dir, "--scratch", str(self.workdir / "scratch")],
                 stdout=out, stderr=subprocess.STDOUT, env=self.environ)
             deadline = time.monotonic() + timeout
+            if preempt_after_seconds is not None:
+                time.sleep(preempt_after_seconds)
+                process.send_signal(signal.SIGTERM)
             while preempt_after_step is not None and process.poll() is None and time.monotonic() < deadline:
                 if _checkpoint_step(status_file) >= preempt_after_step:
                     process.send_signal(signal.SIGTERM)

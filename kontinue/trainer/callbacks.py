@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from kontinue.trainer.rundir import now
+from kontinue.trainer.signals import STOP_BEFORE_TRAINING
 
 if TYPE_CHECKING:
     from kontinue.trainer.rundir import RunDirectory
@@ -89,13 +90,15 @@ class ResumePoints(pl.Callback):
         # Installed after Lightning's own handlers so a stop never aborts a step or a validation.
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
-        if trainer.received_sigterm:
-            # It reached Lightning's handler during set-up, before ours: take it over, or Lightning ends
-            # the fit with its own SIGTERMException (exit code 0) without a resume point.
+        if trainer.received_sigterm or STOP_BEFORE_TRAINING.is_set():
+            # It came during set-up, before ours: take it over, or Lightning ends the fit with its
+            # own SIGTERMException (exit code 0) without a resume point.
             self.stop_requested = True
             trainer._signal_connector.received_sigterm = False
         if trainer.ckpt_path is None:  # the starting weights are state too (pretrained or continued)
             self._save(trainer)
+        elif self.stop_requested:  # resumed, nothing trained since the checkpoint
+            raise Preempted(trainer.global_step)
         self._last_save = time.monotonic()
 
     def _restore_handlers(self) -> None:

@@ -14,6 +14,7 @@ import yaml
 
 from kontinue.api.manifests import Problem, SpecError, load_manifest, parse_resource
 from kontinue.api.models import TrainingRun
+from kontinue.trainer.signals import defer_stop_signals
 
 DEFAULT_STORE = ".kontinue"
 
@@ -60,6 +61,7 @@ def _load(path: str) -> TrainingRun | None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    defer_stop_signals()
     from kontinue.trainer.runner import run_training, write_termination_message
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -74,6 +76,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    defer_stop_signals()
     from kontinue.trainer.runner import run_training
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
