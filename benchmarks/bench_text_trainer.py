@@ -12,7 +12,7 @@ rows and the same batches (same order, same dynamic padding), on the CPU:
    the other does not. Repeated --repeats times.
 2. The stall per periodic resume point: with `env.checkpoint_every_n_steps` set, the median step
    on which last.ckpt is written against the median step that writes nothing, how long
-   `save_resume_point` itself blocked, where that time goes (serialising, the local copy + sha256,
+   `save_resume_point` itself blocked, where that time goes (serialising, the local sha256 + rename,
    the upload), and the size of last.ckpt. For a local run directory and, unless --no-s3, for an S3
    run directory on moto's standalone server at 127.0.0.1. Each checkpointing fit runs in lock-step
    with a plain fit too, and the stall is also given against it: median over save steps of (kontinue
@@ -28,7 +28,8 @@ Model loading, tokenization and the rest of the set-up are not timed.
 
 The benchmark reaches into the trainer where product code must not: while `Predictor.fit` runs it
 wraps `lightning.pytorch.Trainer.__init__` to append its timing callback, and it wraps
-`RunDirectory.save_resume_point`, `Trainer.save_checkpoint` and the stores' `put_file`/`move` to
+`RunDirectory.save_resume_point`, `Trainer.save_checkpoint`, `LocalStore.adopt` and the S3 store's
+`put_file`/`move` to
 time the saves.
 """
 
@@ -235,7 +236,7 @@ class SaveProbe:
         replacements = {
             (RunDirectory, "save_resume_point"): save_resume_point,
             (pl.Trainer, "save_checkpoint"): self._timed("serialize", pl.Trainer.save_checkpoint),
-            (LocalStore, "put_file"): self._timed("local copy+sha256", LocalStore.put_file),
+            (LocalStore, "adopt"): self._timed("local sha256+rename", LocalStore.adopt),
             (S3Store, "move"): self._timed("s3 last->previous", S3Store.move),
             (S3Store, "put_file"): self._timed("s3 upload", S3Store.put_file),
         }
@@ -649,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
                                              f"ratio {kontinue_best_tp / plain_best_tp:.3f}"),
     ]
     for stall in stalls:
-        parts = ["serialize", "local copy+sha256"] + (["s3 last->previous", "s3 upload"]
+        parts = ["serialize", "local sha256+rename"] + (["s3 last->previous", "s3 upload"]
                                                        if stall.where.startswith("s3") else [])
         rows += [
             (f"resume point every {stall.every} steps, {stall.where}", ""),
