@@ -1,27 +1,34 @@
 """Operator benchmark: kontinue's operator (`python -m kontinue operator`, its own process) against the
 harness's Kubernetes API emulator (tests/kube_fixtures.py: kmock over real HTTP, in a thread of this
-process).
+process), on this machine's CPU. The operator runs with `--standalone --namespace bench
+--metrics-port 0 --health-port 0`.
 
-1. **Resume latency.** --preemptions runs whose pods are played by a scripted kubelet (default) or
-   by the harness kubelet running a cheap stand-in for the trainer (--kubelet harness). Each run's
-   pod is preempted as the control plane and the kubelet would do it (DisruptionTarget condition,
-   deletion with a grace period, the container's exit with the trainer's "preempted" exit code 75,
-   then the kubelet's final deletion), first one run at a time ("isolated") and then all runs at
-   once ("burst"). Measured, per preemption, until the next attempt's pod object exists:
-   from the operator recording the preemption (the run's status write with phase Preempted), from
-   the old pod object being gone (its DELETED), from the terminated container status, and from the
-   preemption itself (the deletion that sets deletionTimestamp).
-2. **Scale.** --runs TrainingRuns created at once with no kubelet (the pods only need to exist):
-   wall time until every run has its first pod, until the operator has recorded every pod in its
-   run's status, runs/s, the operator's peak RSS (VmHWM from /proc) and CPU time; then the steady
-   load the operator puts on the API server with that many idle runs (its 10 s timer per run), and
-   how quickly it reacts to a new run under that load.
+1. **Resume latency.** --preemptions runs whose pods are played by a scripted kubelet (default: this
+   script makes the API writes the harness kubelet makes, with no process behind them) or by the
+   harness kubelet running a cheap stand-in for the trainer that exits 75 on SIGTERM (--kubelet
+   harness). Each run's pod is preempted as the control plane and the kubelet do it
+   (DisruptionTarget condition, deletion with a grace period, the container's exit with the
+   trainer's "preempted" code 75, the terminated status, then the kubelet's final deletion),
+   first one run at a time ("isolated") and then all runs at once ("burst"). Measured, per
+   preemption, until the next attempt's pod object exists: from the operator recording the
+   preemption (its status write with phase Preempted), from the old pod object being gone (its
+   DELETED), from the terminated container status, and from the preemption (the deletion that sets
+   deletionTimestamp).
+2. **Scale.** --runs TrainingRuns created at once, no kubelet (the pods only need to exist): time
+   until every run has its first pod, until the operator has recorded every pod in its run's
+   status, and until kopf has put its finalizer on every run (kopf starts a run's timer only
+   then); runs/s; the operator's peak RSS (VmHWM from /proc) and CPU time. Then the steady load
+   the operator puts on the API server with that many idle runs (its 10 s timer per run), and how
+   quickly it reacts, under that load, to --probes new runs and to their pods' preemption.
 
-How it times: every time is taken in this process, on the emulator's side, when a write is committed
-(a class-level wrapper around `ApiServer._emit`, this process only; tests/ is not changed), with
-time.perf_counter. Request counts come from a wrapper around `ApiServer._handle`; the operator's
-requests are told from this script's by their User-Agent (this script uses `requests`). No polling:
-the script waits on a condition the wrapper notifies.
+How it times: on the emulator's side, when a write is committed (a class-level wrapper around
+`ApiServer._emit`, in this process only; tests/ is not changed), with time.perf_counter. Request
+counts and the emulator's time per request come from a wrapper around `ApiServer._handle`; the
+operator's requests are told from this script's by their User-Agent (this script's are
+python-requests). No polling: the script waits on a condition that the wrapper notifies.
+
+The emulator is made to route reads in constant time (see _fast_kmock_routing; --keep-request-log
+turns that off): kmock's own routing slows down with every request served, which would measure kmock.
 
     python benchmarks/bench_operator.py [--preemptions N] [--runs N] [--kubelet scripted|harness]
 """
@@ -36,7 +43,6 @@ import os
 import platform
 import re
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
@@ -92,6 +98,8 @@ class Recorder:
     pods: dict[str, dict[str, float]] = field(default_factory=dict)  # pod name -> mark -> first time
     runs: dict[str, dict[str, float]] = field(default_factory=dict)  # run name -> mark -> first time
     phases: dict[str, str] = field(default_factory=dict)  # run name -> latest status.phase
+    finalized: set[str] = field(default_factory=set)  # runs carrying kopf's finalizer (kopf's timers need it)
+    counts: Counter = field(default_factory=Counter)  # first pods created / recorded: O(1) wait predicates
     requests: list[Request] = field(default_factory=list)
     watches: list[tuple[float, str, bool]] = field(default_factory=list)  # (t, plural, by the operator)
 
@@ -101,6 +109,8 @@ class Recorder:
             if plural == "pods":
                 marks = self.pods.setdefault(meta["name"], {})
                 if kind == "ADDED":
+                    if "added" not in marks and meta["name"].endswith("-1"):
+                        self.counts["first pods"] += 1
                     marks.setdefault("added", t)
                 elif kind == "DELETED":
                     marks.setdefault("gone", t)
@@ -115,10 +125,15 @@ class Recorder:
                 if kind == "ADDED":
                     marks.setdefault("added", t)
                 self.phases[meta["name"]] = status.get("phase") or ""
+                if kind != "DELETED" and meta.get("finalizers"):
+                    self.finalized.add(meta["name"])
                 if status.get("phase") == "Preempted":
                     marks.setdefault(f"preempted-{status.get('preemptions')}", t)
                 if status.get("podUID") and status.get("currentPod"):
-                    marks.setdefault(f"recorded-{status['currentPod']}", t)
+                    mark = f"recorded-{status['currentPod']}"
+                    if mark not in marks and mark.endswith("-1"):
+                        self.counts["first pods recorded"] += 1
+                    marks.setdefault(mark, t)
             self.cond.notify_all()
 
     def wait(self, predicate: Callable[[], Any], timeout: float, what: str) -> None:
@@ -131,6 +146,7 @@ class Recorder:
 
 
 RECORDER: Recorder | None = None
+KEEP_REQUEST_LOG = False  # --keep-request-log: leave kmock's request log unbounded, as the tests have it
 
 
 def instrument() -> None:
@@ -145,6 +161,10 @@ def instrument() -> None:
         await emit(self, resource, kind, body)
 
     async def _handle(self, request):
+        if not KEEP_REQUEST_LOG:  # see _fast_kmock_routing
+            for log in [getattr(self, "_requests", None)] + [getattr(p, "_requests", None) for p in self._payloads]:
+                if log is not None and len(log) > 4096:
+                    del log[:-2048]
         agent = next((value for key, value in request.headers.items() if key.lower() == "user-agent"), "")
         resource = request.resource
         record = Request(time.perf_counter(), not agent.startswith("python-requests"), str(request.method),
@@ -175,7 +195,42 @@ def instrument() -> None:
             yield chunk
 
     kf.ApiServer._emit, kf.ApiServer._handle, kf.ApiServer._serve_watch = _emit, _handle, _serve_watch
+    _fast_kmock_routing()
     kf.ApiServer._bench_wrapped = True
+
+
+def _fast_kmock_routing() -> None:
+    """Take kmock's request log out of its routing of reads.
+
+    kmock appends every request to a log and routes a read (GET, LIST, WATCH; writes go to the
+    harness's own code) by asking each of its 14 fallback reactions whether the request is "in" its
+    filter, which kmock answers by iterating over the whole log and applying the filter to every
+    request in it. A read thus costs more with every request served: after ~5,000 requests a GET
+    takes ~50 ms of the emulator's one thread, and 1,000 runs never finish (measured: 50 runs took
+    minutes). A real API server has nothing like it. Here membership of a request in a filter
+    chain (Filter, Priority, the root) is answered directly: the filter's criteria on the request
+    itself, and identity among the root's latest requests; any other view keeps kmock's own answer.
+    The logs are also kept bounded (the last 2,048-4,096 requests); only kmock's assertions read them.
+    """
+    from kmock._internal import dsl, rendering
+
+    if KEEP_REQUEST_LOG or getattr(dsl.View, "_bench_fast", False):
+        return
+    original = dsl.View.__contains__
+
+    def contains(self, item):
+        if isinstance(item, rendering.Request):
+            kind = type(self)
+            if isinstance(self, dsl.Root):
+                return any(request is item for request in reversed(self._requests))
+            if kind is dsl.Filter:
+                return bool(self.criteria(item)) and contains(self._source, item)
+            if kind is dsl.Priority:
+                return contains(self._source, item)
+        return original(self, item)
+
+    dsl.View.__contains__ = contains
+    dsl.View._bench_fast = True
 
 
 # -- processes ----------------------------------------------------------------------------------------
@@ -209,25 +264,25 @@ class Cluster:
         instrument()
         self.workdir = workdir
         self.recorder = RECORDER = Recorder()
+        self.kubelet: kf.Kubelet | None = None
+        self.operator: kf.OperatorProcess | None = None
+        self.stopped = ""  # how the operator stopped, for the report
         self.kube = kf.KubeCluster(NAMESPACE).start()
-        self.kubelet = None
-        if kubelet == "harness":
-            self.kubelet = kf.Kubelet(self.kube, workdir / "kubelet", shared_paths=[workdir]).start()
-        self.operator = kf.OperatorProcess(self.kube, workdir / "operator")
-        self.started = time.perf_counter()
-        self.operator.start(*OPERATOR_FLAGS)
         try:
+            if kubelet == "harness":
+                self.kubelet = kf.Kubelet(self.kube, workdir / "kubelet", shared_paths=[workdir]).start()
+            self.operator = kf.OperatorProcess(self.kube, workdir / "operator")
+            started = time.perf_counter()
+            self.operator.start(*OPERATOR_FLAGS)
             self.recorder.wait(lambda: {p for _, p, op in self.recorder.watches if op} >= {"trainingruns", "pods"}
                                or not self.operator.running, 60, "the operator's watches")
-        except TimeoutError:
+            if not self.operator.running:
+                raise RuntimeError(f"the operator exited at start-up:\n{self.operator.logs()[-3000:]}")
+            self.startup = time.perf_counter() - started  # process start -> both watches open
+            time.sleep(1.0)  # let kopf finish its start-up
+        except BaseException:
             self.close()
             raise
-        if not self.operator.running:
-            logs = self.operator.logs()[-3000:]
-            self.close()
-            raise RuntimeError(f"the operator exited at start-up:\n{logs}")
-        self.ready = time.perf_counter()
-        time.sleep(1.0)  # let kopf finish its start-up (the first list of every resource)
 
     @property
     def pid(self) -> int:
@@ -239,9 +294,23 @@ class Cluster:
                 self.kubelet.close()
         finally:
             try:
-                self.operator.stop(timeout=20)
+                if self.operator is not None and self.operator.proc is not None:
+                    began = time.perf_counter()
+                    code = self.operator.stop(timeout=30)
+                    self.stopped = f"operator stopped by SIGTERM in {time.perf_counter() - began:.1f} s, exit code {code}"
             finally:
                 self.kube.stop()
+
+    def handler_calls(self, start: float, end: float) -> Counter:
+        """kopf's "Handler 'x' succeeded" / "Timer 'x' succeeded" lines between two time.time()s."""
+        calls: Counter = Counter()
+        for line in self.operator.logs().splitlines():
+            m = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .*(Handler|Timer) '(\w+)' (succeeded|failed)", line)
+            if m:
+                moment = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000
+                if start <= moment < end:
+                    calls[m.group(4) if m.group(5) == "succeeded" else f"{m.group(4)} (failed)"] += 1
+        return calls
 
     def log_summary(self) -> list[str]:
         text = self.operator.logs()
@@ -396,7 +465,7 @@ def bench_resume(args: argparse.Namespace, workdir: Path) -> list[tuple[str, str
                 cluster.kubelet.preempt(old, grace=30, wait=False)
 
         # isolated: one preemption at a time, the operator otherwise idle
-        for count, name in enumerate(names, 1):
+        for name in names:
             preempt(name)
             new = f"{name}-{attempt[name] + 1}"
             recorder.wait(lambda: new in recorder.pods, 60, f"pod {new}")
@@ -436,32 +505,51 @@ def bench_resume(args: argparse.Namespace, workdir: Path) -> list[tuple[str, str
             before = sum(1 for s in observed if s.gone is not None and s.observed < s.gone)
             rows.append((f"  (Preempted recorded before the old pod was gone in {before} of {len(observed)}; "
                          f"missing in {len(complete) - len(observed)})", ""))
-        rows.append((f"  operator peak RSS {proc_status(cluster.pid).get('VmHWM', 0) / 1024:.0f} MiB", ""))
+        rows.append((f"  operator start-up {cluster.startup:.1f} s (process start -> watches open), peak RSS "
+                     f"{proc_status(cluster.pid).get('VmHWM', 0) / 1024:.0f} MiB", ""))
         rows += [(line, "") for line in cluster.log_summary()]
     finally:
         cluster.close()
+    rows.append((f"  {cluster.stopped}", ""))
     return rows
 
 
 # -- 2. scale -----------------------------------------------------------------------------------------
+def first_reads(recorder: Recorder, since: dict[str, float]) -> dict[str, float]:
+    """For each run name, the operator's first GET of it at or after since[name]."""
+    found: dict[str, float] = {}
+    for r in list(recorder.requests):
+        if r.operator and r.plural == "trainingruns" and r.name in since and r.name not in found \
+                and r.method.endswith("GET") and r.t >= since[r.name]:
+            found[r.name] = r.t
+    return found
+
+
+def probe(cluster: Cluster, name: str, storage: str, exit_after: float, timeout: float) -> dict[str, float]:
+    """One new run under load: created -> its pod; then the pod runs, is preempted, and is replaced."""
+    kube, recorder = cluster.kube, cluster.recorder
+    kube.create(run_manifest(name, storage))
+    recorder.wait(lambda: f"{name}-1" in recorder.pods, timeout, f"pod {name}-1")
+    start_pod(kube, f"{name}-1")
+    recorder.wait(lambda: recorder.phases.get(name) == "Running", timeout, f"run {name} Running")
+    preempt_pod(kube, f"{name}-1", exit_after)
+    recorder.wait(lambda: f"{name}-2" in recorder.pods, timeout, f"pod {name}-2")
+    pods, run = recorder.pods, recorder.runs[name]
+    return {"created": pods[f"{name}-1"]["added"] - run["added"],
+            "resumed": pods[f"{name}-2"]["added"] - pods[f"{name}-1"]["gone"]}
+
+
 def bench_scale(args: argparse.Namespace, workdir: Path) -> list[tuple[str, str]]:
     cluster = Cluster(workdir / "scale")
     kube, recorder, pid = cluster.kube, cluster.recorder, cluster.pid
     rows: list[tuple[str, str]] = []
     names = [f"run-{i:04d}" for i in range(args.runs)]
     storage = (workdir / "store").as_uri()
+    n = len(names)
     try:
         idle = proc_status(pid)
         bench_rss0 = proc_status(os.getpid())
         op_cpu0, bench_cpu0 = cpu_seconds(pid), time.process_time()
-        peak = {"rss": idle.get("VmRSS", 0)}
-        stop = threading.Event()
-
-        def sample() -> None:  # VmHWM is the real peak; this gives the timeline's high points too
-            while not stop.wait(0.5):
-                peak["rss"] = max(peak["rss"], proc_status(pid).get("VmRSS", 0))
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
 
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(args.create_threads) as pool:
@@ -470,11 +558,10 @@ def bench_scale(args: argparse.Namespace, workdir: Path) -> list[tuple[str, str]
         first_pods = [f"{name}-1" for name in names]
         timed_out = None
         try:
-            recorder.wait(lambda: sum(1 for p in first_pods if p in recorder.pods) == len(first_pods),
-                          args.scale_timeout, "every run's first pod")
+            recorder.wait(lambda: recorder.counts["first pods"] >= n, args.scale_timeout, "every run's first pod")
             all_pods = time.perf_counter()
-            recorder.wait(lambda: all(f"recorded-{n}-1" in recorder.runs.get(n, {}) for n in names),
-                          args.scale_timeout, "every pod recorded in its run's status")
+            recorder.wait(lambda: recorder.counts["first pods recorded"] >= n, args.scale_timeout,
+                          "every pod recorded in its run's status")
             settled = time.perf_counter()
         except TimeoutError as error:
             timed_out = str(error)
@@ -482,34 +569,51 @@ def bench_scale(args: argparse.Namespace, workdir: Path) -> list[tuple[str, str]
         ramp_op_cpu, ramp_bench_cpu = cpu_seconds(pid) - op_cpu0, time.process_time() - bench_cpu0
         ramp_requests = recorder.operator_requests(start, settled)
         pod_times = sorted(recorder.pods[p]["added"] for p in first_pods if p in recorder.pods)
-        per_run = [recorder.pods[f"{n}-1"]["added"] - recorder.runs[n]["added"] for n in names
-                   if f"{n}-1" in recorder.pods and "added" in recorder.runs.get(n, {})]
+        added = {name: recorder.runs[name]["added"] for name in names if "added" in recorder.runs.get(name, {})}
+        reads = first_reads(recorder, added)
+        to_pod = [recorder.pods[f"{name}-1"]["added"] - t for name, t in added.items() if f"{name}-1" in recorder.pods]
+        to_read = [reads[name] - t for name, t in added.items() if name in reads]
         after_ramp = proc_status(pid)
+        timers_after_ramp = len(recorder.finalized)
+        # kopf starts a run's timer only once its finalizer is on the run (kopf adds one for timers)
+        try:
+            recorder.wait(lambda: len(recorder.finalized) >= n, args.scale_timeout, "kopf's finalizer on every run")
+        except TimeoutError as error:
+            rows.append((f"  TIMED OUT: {error}", ""))
+        all_timers = time.perf_counter()
 
-        # the steady state: N idle runs, each with its 10 s timer
-        time.sleep(2.0)
+        # the steady state: n idle runs (pods Pending for ever), each with its 10 s timer
+        time.sleep(5.0)
+        timers_at_start = len(recorder.finalized)
         window_start, op_cpu1, bench_cpu1 = time.perf_counter(), cpu_seconds(pid), time.process_time()
+        wall_start = time.time()
         time.sleep(args.idle_seconds)
-        window_end = time.perf_counter()
+        window_end, wall_end = time.perf_counter(), time.time()
+        timers_at_end = len(recorder.finalized)
         idle_op_cpu, idle_bench_cpu = cpu_seconds(pid) - op_cpu1, time.process_time() - bench_cpu1
         idle_requests = recorder.operator_requests(window_start, window_end)
         window = window_end - window_start
 
-        # a new run under that load: run ADDED -> its pod ADDED
-        probes = []
-        for i in range(args.probes):
-            name = f"probe-{i}"
-            kube.create(run_manifest(name, storage))
-            recorder.wait(lambda: f"{name}-1" in recorder.pods, 120, f"pod {name}-1")
-            probes.append(recorder.pods[f"{name}-1"]["added"] - recorder.runs[name]["added"])
-            time.sleep(1.0)
-        stop.set()
-        sampler.join()
+        # new runs under that load, a second apart: created -> pod; pod gone (preempted) -> next pod
+        probe_names = [f"probe-{i}" for i in range(args.probes)]
+        with concurrent.futures.ThreadPoolExecutor(max(1, args.probes)) as pool:
+            futures = []
+            for name in probe_names:
+                futures.append(pool.submit(probe, cluster, name, storage, args.exit_after, args.scale_timeout))
+                time.sleep(1.0)
+            probes = []
+            for future in futures:
+                try:
+                    probes.append(future.result())
+                except TimeoutError as error:
+                    rows.append((f"  probe failed: {error}", ""))
+        probe_reads = first_reads(recorder, {name: recorder.runs[name]["added"] for name in probe_names})
         final, bench_final = proc_status(pid), proc_status(os.getpid())
 
-        n = len(names)
-        rows.append((f"2. scale: {n} TrainingRuns created at once ({args.create_threads} client threads), "
-                     "no kubelet", ""))
+        writes = [r for r in idle_requests if not r.method.endswith("GET")]
+        reconciles = count(idle_requests, "GET", "trainingruns")
+        rows[:0] = [(f"2. scale: {n} TrainingRuns created at once ({args.create_threads} client threads), "
+                     "no kubelet (their pods stay Pending)", "")]
         if timed_out:
             rows.append((f"  TIMED OUT: {timed_out}; {len(pod_times)} of {n} pods existed", ""))
         rows += [
@@ -518,32 +622,47 @@ def bench_scale(args: argparse.Namespace, workdir: Path) -> list[tuple[str, str]
             ("half of the first pods exist", f"{pod_times[len(pod_times) // 2] - start:7.2f} s" if pod_times else "-"),
             ("every run has its first pod", f"{all_pods - start:7.2f} s  -> {len(pod_times) / (all_pods - start):.1f} runs/s"),
             ("every pod recorded in its run (podUID)", f"{settled - start:7.2f} s"),
-            ("per run: run created -> its pod created", spread(per_run, "s", 1.0)),
+            ("every run has kopf's finalizer (its timer)", f"{all_timers - start:7.2f} s  ({timers_after_ramp} of {n} "
+                                                           "when every pod was recorded)"),
+            ("per run: run created -> its pod created", spread(to_pod, "s", 1.0)),
+            ("per run: run created -> operator's first GET", spread(to_read, "s", 1.0)),
             ("operator requests during the ramp", f"{len(ramp_requests)} = {len(ramp_requests) / n:.1f} per run: "
-                                                  + request_mix(ramp_requests, n)),
+                                                  + request_mix(ramp_requests)),
             ("operator CPU during the ramp", f"{ramp_op_cpu:.1f} s ({ramp_op_cpu / (settled - start):.2f} cores); "
-                                             f"this process (emulator + client) {ramp_bench_cpu:.1f} s"),
-            ("operator RSS idle / after the ramp / final", f"{idle.get('VmRSS', 0) / 1024:.0f} / "
-                                                           f"{after_ramp.get('VmRSS', 0) / 1024:.0f} / "
-                                                           f"{final.get('VmRSS', 0) / 1024:.0f} MiB"),
+                                             f"this process (emulator + client) {ramp_bench_cpu:.1f} s "
+                                             f"({ramp_bench_cpu / (settled - start):.2f} cores)"),
+            ("operator RSS idle / after the ramp / end", f"{idle.get('VmRSS', 0) / 1024:.0f} / "
+                                                         f"{after_ramp.get('VmRSS', 0) / 1024:.0f} / "
+                                                         f"{final.get('VmRSS', 0) / 1024:.0f} MiB"),
             ("operator peak RSS (VmHWM)", f"{final.get('VmHWM', 0) / 1024:.0f} MiB = idle + "
                                           f"{(final.get('VmHWM', 0) - idle.get('VmRSS', 0)) / n:.0f} kB per run; "
                                           f"{final.get('Threads', 0)} threads"),
             ("emulator (this process) RSS start / peak", f"{bench_rss0.get('VmRSS', 0) / 1024:.0f} / "
                                                          f"{bench_final.get('VmHWM', 0) / 1024:.0f} MiB"),
-            (f"steady state, {n} idle runs, {window:.0f} s window", ""),
-            ("operator requests/s", f"{len(idle_requests) / window:.1f} ({len(idle_requests) / window / n * 10:.2f} "
-                                    f"per run per 10 s): " + request_mix(idle_requests, n)),
-            ("  reconciles/s (GET of a run)", f"{count(idle_requests, 'GET', 'trainingruns') / window:.1f} "
-                                              f"(the timers alone would give {n / 10:.0f})"),
-            ("  writes that changed nothing", f"{sum(1 for r in idle_requests if not r.method.endswith('GET') and not r.wrote)} "
-                                              f"of {sum(1 for r in idle_requests if not r.method.endswith('GET'))} writes"),
-            ("operator CPU", f"{idle_op_cpu / window:.2f} cores; this process (emulator) {idle_bench_cpu / window:.2f} cores"),
-            ("new run under this load -> its pod created", spread(probes, "s", 1.0)),
+            (f"steady state: {n} idle runs, {window:.0f} s window", ""),
+            ("operator requests/s", f"{len(idle_requests) / window:.1f} = {len(idle_requests) / window / n * 10:.2f} "
+                                    f"per run per 10 s: " + request_mix(idle_requests)),
+            ("  reconciles/s (GETs of a run)", f"{reconciles / window:.1f} (a 10 s timer per run would be {n / 10:.0f}/s)"),
+            ("  handler calls/s (operator log)", ", ".join(f"{name} {calls / window:.1f}" for name, calls in
+                                                            cluster.handler_calls(wall_start, wall_end).most_common())),
+            ("  runs with kopf's finalizer (timer started)", f"{timers_at_start} at the window's start, "
+                                                               f"{timers_at_end} at its end"),
+            ("  writes that changed nothing", f"{sum(1 for r in writes if not r.wrote)} of {len(writes)}"),
+            ("  emulator time per request", spread([r.duration for r in idle_requests])),
+            ("operator CPU", f"{idle_op_cpu / window:.2f} cores = {1000 * idle_op_cpu / max(1, reconciles):.1f} ms "
+                             "per reconcile"),
+            ("emulator CPU (this process)", f"{idle_bench_cpu / window:.2f} cores = "
+                                            f"{1000 * idle_bench_cpu / max(1, len(idle_requests)):.1f} ms per request"),
+            (f"{len(probes)} new runs under this load, 1 s apart", ""),
+            ("run created -> operator's first GET", spread([probe_reads[p] - recorder.runs[p]["added"]
+                                                            for p in probe_reads], "s", 1.0)),
+            ("run created -> its pod created", spread([p["created"] for p in probes], "s", 1.0)),
+            ("its pod preempted: old pod gone -> next pod", spread([p["resumed"] for p in probes], "s", 1.0)),
         ]
         rows += [(line, "") for line in cluster.log_summary()]
     finally:
         cluster.close()
+    rows.append((f"  {cluster.stopped}", ""))
     return rows
 
 
@@ -551,10 +670,14 @@ def count(requests: list[Request], method: str, plural: str, subresource: str | 
     return sum(1 for r in requests if r.method.endswith(method) and r.plural == plural and r.subresource == subresource)
 
 
-def request_mix(requests: list[Request], n: int) -> str:
-    mix = Counter(f"{r.method.rsplit('.', 1)[-1]} {r.plural}{'/' + r.subresource if r.subresource else ''}"
-                  f"{'' if r.name or r.method.endswith('POST') else ' (list)'}" for r in requests)
-    return ", ".join(f"{kind} {number}" for kind, number in mix.most_common())
+def request_mix(requests: list[Request]) -> str:
+    """Counts by verb and resource, with the answers that were not 2xx."""
+    def kind(r: Request) -> str:
+        return (f"{r.method.rsplit('.', 1)[-1]} {r.plural}{'/' + r.subresource if r.subresource else ''}"
+                f"{'' if r.name or r.method.endswith('POST') else ' (list)'}")
+    mix, errors = Counter(kind(r) for r in requests), Counter((kind(r), r.status) for r in requests if r.status >= 300)
+    return ", ".join(f"{k} {number}" + "".join(f" ({status}: {errors[k, status]})" for kk, status in sorted(errors)
+                                                 if kk == k) for k, number in mix.most_common())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -570,13 +693,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale-timeout", type=float, default=300.0, help="give up waiting for the pods after (s)")
     parser.add_argument("--idle-seconds", type=float, default=30.0, help="steady-state window (s)")
     parser.add_argument("--probes", type=int, default=5, help="single runs created under the steady-state load")
+    parser.add_argument("--keep-request-log", action="store_true",
+                        help="leave kmock's request log unbounded (its reads then slow down with every request)")
     args = parser.parse_args(argv)
+    global KEEP_REQUEST_LOG
+    KEEP_REQUEST_LOG = args.keep_request_log
 
     total_start = time.perf_counter()
     load = os.getloadavg()
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, load average "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, python {platform.python_version()}, "
           f"kopf {version('kopf')}, kubernetes client {version('kubernetes')}, kmock {version('kmock')}", flush=True)
+    print(f"operator code: {code_state()}", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="kontinue-bench-operator-"))
     rows: list[tuple[str, str]] = []
     try:
@@ -593,6 +721,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nload average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
           f"total benchmark wall time {time.perf_counter() - total_start:.0f} s")
     return 0
+
+
+def code_state() -> str:
+    """The commit and whether kontinue/operator differs from it (the figures are for the working tree)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kontinue/operator"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+    changed = [path for path in dirty if path.startswith("kontinue/")]
+    return f"{head}" + (f" + uncommitted changes in {', '.join(changed)}" if changed else " (clean)")
 
 
 def version(package: str) -> str:

@@ -116,6 +116,25 @@ def test_a_stop_during_a_validation_inside_an_accumulated_step_waits_for_the_ste
     assert read_status(run_dir)["finalState"] == read_status(reference_dir)["finalState"]
 
 
+def test_a_stop_at_the_end_of_an_epoch_resumes_into_the_next_one(reference, tmp_path, reviews):
+    """A resume point taken at an epoch's last validation made the resumed fit end there (half its
+    training missing); the stop now lands on the first step of the next epoch (step 16 of 30)."""
+    manifest, reference_dir = reference
+    manifest = copy.deepcopy(manifest)
+    slow_validation = tmp_path / "validation.parquet"
+    reviews[400:3400].to_parquet(slow_validation)
+    manifest["spec"]["data"]["validation"] = str(slow_validation)
+    manifest["spec"]["checkpoint"]["intervalSteps"] = 14
+    harness = Trainer(tmp_path)
+    run_dir = tmp_path / "store" / "tests" / "exact"
+    attempt = harness.attempt(manifest, str(run_dir), preempt_after_step=14)
+    assert attempt.exit_code == PREEMPTED_EXIT_CODE, attempt.output[-3000:]
+    assert read_status(run_dir)["lastCheckpoint"]["step"] == 16
+    final = harness.attempt(manifest, str(run_dir))
+    assert final.exit_code == 0, final.output[-3000:]
+    assert read_status(run_dir)["finalState"] == read_status(reference_dir)["finalState"]
+
+
 def test_truncated_newest_checkpoint_resumes_from_the_previous_one(reference, tmp_path):
     manifest, reference_dir = reference
     harness = Trainer(tmp_path)

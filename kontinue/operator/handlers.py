@@ -4,9 +4,11 @@ level-triggered `reconcile`, which reads the run and its pods afresh and applies
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +34,8 @@ class Runtime:
     settings: Settings = field(default_factory=Settings)
     api: client.ApiClient | None = None
     locks: defaultdict = field(default_factory=lambda: defaultdict(threading.Lock))
+    timers: dict = field(default_factory=dict)  # (namespace, name) -> (due, threading.Timer)
+    timers_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def core(self) -> client.CoreV1Api:
@@ -76,11 +80,19 @@ def _pods_of(run: dict[str, Any]) -> list[dict[str, Any]]:
             and any(ref.get("uid") == uid for ref in pod["metadata"].get("ownerReferences") or [])]
 
 
-def _post_event(run: dict[str, Any], kind: str, reason: str, message: str, now: dt.datetime) -> None:
+def _event_name(run: dict[str, Any], attempt: int, reason: str, message: str) -> str:
+    """One name per transition (run, attempt, reason), so that posting it again is a no-op."""
+    meta = run["metadata"]
+    key = f"{meta['uid']}/{attempt}/{reason}" + (f"/{message}" if reason == "InvalidSpec" else "")
+    return f"{meta['name']}.{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _post_event(run: dict[str, Any], kind: str, reason: str, message: str, now: dt.datetime,
+                attempt: int = 0) -> None:
     meta = run["metadata"]
     event = {
         "apiVersion": "v1", "kind": "Event",
-        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "metadata": {"name": _event_name(run, attempt, reason, message), "namespace": meta["namespace"]},
         "involvedObject": {"apiVersion": run["apiVersion"], "kind": run["kind"], "name": meta["name"],
                            "namespace": meta["namespace"], "uid": meta["uid"]},
         "type": kind, "reason": reason, "message": message[:1024],
@@ -90,7 +102,8 @@ def _post_event(run: dict[str, Any], kind: str, reason: str, message: str, now: 
     try:
         RUNTIME.core.create_namespaced_event(meta["namespace"], event)
     except ApiException as error:  # an event is worth a log line, never a failed reconcile
-        log.warning("could not post event %s for %s: %s", reason, meta["name"], error.reason)
+        if error.status != 409:  # 409: posted already, by a reconcile that did not get to finish
+            log.warning("could not post event %s for %s: %s", reason, meta["name"], error.reason)
 
 
 def _patch_status(run: dict[str, Any], status: dict[str, Any]) -> None:
@@ -101,6 +114,12 @@ def _patch_status(run: dict[str, Any], status: dict[str, Any]) -> None:
 
 def _apply(run: dict[str, Any], plan: Plan, now: dt.datetime) -> None:
     meta = run["metadata"]
+    # Events first: a transition whose status write is lost (a crash, an API error further down)
+    # is decided again by the next reconcile and posts the same event name, which is then a no-op;
+    # posted after the writes, its event would be lost instead.
+    attempt = int(plan.status.get("attempt") or (run.get("status") or {}).get("attempt") or 0)
+    for kind, reason, message in plan.events:
+        _post_event(run, kind, reason, message, now, attempt)
     if plan.status:
         _patch_status(run, plan.status)
     for name in plan.delete:
@@ -108,8 +127,6 @@ def _apply(run: dict[str, Any], plan: Plan, now: dt.datetime) -> None:
     if plan.create is not None:
         _ignore(409, RUNTIME.core.create_namespaced_pod, meta["namespace"], plan.create)
         metrics.pod_created(run.get("status") or {}, now)
-    for kind, reason, message in plan.events:
-        _post_event(run, kind, reason, message, now)
     if plan.verdict is not None and plan.verdict.final:
         metrics.verdict(plan.verdict)
 
@@ -127,7 +144,35 @@ def reconcile(namespace: str, name: str, *, refresh: bool = False) -> float | No
         metrics.phase(namespace, name, phase)
         if refresh and phase == RUNNING_PHASE:
             _refresh_progress(run)
+        if plan.requeue_after is not None:
+            _reconcile_later(namespace, name, plan.requeue_after)
         return plan.requeue_after
+
+
+def _reconcile_later(namespace: str, name: str, delay: float) -> None:
+    """kopf's event handlers cannot ask to be called again, so a timer thread does (at most one
+    per run: the earliest). Back-off deadlines then hold to the second, not to the next tick."""
+    key, due = (namespace, name), time.monotonic() + delay
+    with RUNTIME.timers_lock:
+        pending = RUNTIME.timers.get(key)
+        if pending is not None and pending[0] <= due:
+            return
+        if pending is not None:
+            pending[1].cancel()
+        timer = threading.Timer(delay, _reconcile_now, (key, due))
+        timer.daemon = True
+        RUNTIME.timers[key] = (due, timer)
+        timer.start()
+
+
+def _reconcile_now(key: tuple[str, str], due: float) -> None:
+    with RUNTIME.timers_lock:
+        if RUNTIME.timers.get(key, (None,))[0] == due:
+            del RUNTIME.timers[key]
+    try:
+        reconcile(*key)
+    except Exception:  # noqa: BLE001 - the next event or tick tries again
+        log.exception("reconciling %s/%s failed", *key)
 
 
 def _secret_environ(namespace: str, run) -> dict[str, str]:
@@ -195,13 +240,28 @@ def tick(name: str, namespace: str, **_: Any) -> None:
     reconcile(namespace, name, refresh=True)
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL, when=lambda spec, **_: bool(spec.get("deleteRunDirectory")))
+def _deletes_run_directory(body: kopf.Body, **_: Any) -> bool:
+    """Safe on any spec (a CRD without validation lets anything through): kopf throttles an
+    object whose filter raises, and logs the traceback, again and again."""
+    spec = body.get("spec")
+    return isinstance(spec, dict) and bool(spec.get("deleteRunDirectory"))
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, when=_deletes_run_directory)
 def delete_run_directory(body: kopf.Body, namespace: str, **_: Any) -> None:
-    """Pods go by ownerReference; the run directory only when the spec asks for it."""
+    """Pods go by ownerReference; the run directory only when the spec asks for it, and only once
+    no trainer is left to write into it: the garbage collector stops pods only after the run is
+    gone, and a stopping trainer still saves a resume point, so the handler stops them first."""
     try:
         run = parse_training_run(dict(body))
     except SpecError:
         return
+    pods = _pods_of(dict(body))
+    for pod in pods:
+        if not pod["metadata"].get("deletionTimestamp"):
+            _ignore(404, RUNTIME.core.delete_namespaced_pod, pod["metadata"]["name"], namespace)
+    if pods:
+        raise kopf.TemporaryError(f"waiting for {len(pods)} trainer pod(s) to stop", delay=2)
     store = open_store(run.run_directory(), environ=_secret_environ(namespace, run))
     for info in store.list():
         store.delete(info.key)

@@ -143,8 +143,11 @@ class ResumePoints(pl.Callback):
             return
         # A validation can fall between the batches of one accumulated step; gradients are not
         # part of a checkpoint, so the save then waits for the step to complete.
-        if trainer.fit_loop.epoch_loop._should_accumulate():
-            self._save_pending = self._save_pending or self.stop_requested
+        # Lightning does not resume correctly from a checkpoint taken at an epoch's last
+        # validation (the resumed fit ends early), so that save moves to the next step.
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if epoch_loop._should_accumulate() or epoch_loop.batch_progress.is_last_batch:
+            self._save_pending = self._save_pending or self.stop_requested or self._periodic_due(trainer)
             return
         if self._save_pending or self._agreed(trainer, self.stop_requested):
             self._save(trainer)
