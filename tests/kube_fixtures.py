@@ -1165,8 +1165,10 @@ class Kubelet:
             else:
                 env[item["name"]] = _expand(rewrite(item.get("value", "")), env)
         run = (meta.get("labels") or {}).get(RUN_LABEL)
-        argv = self._overrides.get(run) or (container.get("command") or []) + (container.get("args") or [])
-        argv = [_expand(rewrite(arg), env) for arg in argv]
+        override = self._overrides.get(run)
+        # An override is the test's own command on this machine: its paths are not the pod's.
+        argv = override or [_expand(rewrite(arg), env)
+                            for arg in (container.get("command") or []) + (container.get("args") or [])]
         if argv and argv[0] == "kontinue":
             argv = [sys.executable, "-m", "kontinue", *argv[1:]]
         workdir = Path(rewrite(container["workingDir"])) if container.get("workingDir") else None
