@@ -120,8 +120,10 @@ def _apply(run: dict[str, Any], plan: Plan, now: dt.datetime) -> None:
     attempt = int(plan.status.get("attempt") or (run.get("status") or {}).get("attempt") or 0)
     for kind, reason, message in plan.events:
         _post_event(run, kind, reason, message, now, attempt)
-    if plan.status:
-        _patch_status(run, plan.status)
+    current = run.get("status") or {}
+    changed = {key: value for key, value in plan.status.items() if current.get(key) != value}
+    if changed:  # most reconciles change nothing; a no-op write would only wake every watcher
+        _patch_status(run, changed)
     for name in plan.delete:
         _ignore(404, RUNTIME.core.delete_namespaced_pod, name, meta["namespace"])
     if plan.create is not None:
