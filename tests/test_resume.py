@@ -95,44 +95,38 @@ def test_preempted_during_set_up_exits_as_preempted_and_resumes_exactly(referenc
     assert_same_outcome(run_dir, reference_dir)
 
 
-def test_a_stop_during_a_validation_inside_an_accumulated_step_waits_for_the_step(reference, tmp_path, reviews):
-    """Here a validation falls between the two batches of one accumulated step (after batch 15 of
-    30, two batches a step). Gradients are not in a checkpoint, so a resume point taken there would
-    lose half a step: the stop must wait for step 8. A slow validation makes SIGTERM land in it."""
+def stop_during_a_slow_validation(reference, tmp_path, reviews, checkpoint_every: int) -> int:
+    """SIGTERM after the resume point at `checkpoint_every`, while a slow validation (3,000 rows)
+    runs; resumes to the end, checks the trained state is the reference's (validation does not
+    touch the weights) and returns the step the stop was saved at."""
     manifest, reference_dir = reference
     manifest = copy.deepcopy(manifest)
     slow_validation = tmp_path / "validation.parquet"
     reviews[400:3400].to_parquet(slow_validation)
     manifest["spec"]["data"]["validation"] = str(slow_validation)
-    manifest["spec"]["checkpoint"]["intervalSteps"] = 7
+    manifest["spec"]["checkpoint"]["intervalSteps"] = checkpoint_every
     harness = Trainer(tmp_path)
     run_dir = tmp_path / "store" / "tests" / "exact"
-    attempt = harness.attempt(manifest, str(run_dir), preempt_after_step=7)
+    attempt = harness.attempt(manifest, str(run_dir), preempt_after_step=checkpoint_every)
     assert attempt.exit_code == PREEMPTED_EXIT_CODE, attempt.output[-3000:]
-    assert read_status(run_dir)["lastCheckpoint"]["step"] == 8
+    stopped_at = read_status(run_dir)["lastCheckpoint"]["step"]
     final = harness.attempt(manifest, str(run_dir))
     assert final.exit_code == 0, final.output[-3000:]
-    # validation does not touch the weights, so the trained state is the reference's
     assert read_status(run_dir)["finalState"] == read_status(reference_dir)["finalState"]
+    return stopped_at
+
+
+def test_a_stop_during_a_validation_inside_an_accumulated_step_waits_for_the_step(reference, tmp_path, reviews):
+    """Here a validation falls between the two batches of one accumulated step (after batch 15 of
+    30, two batches a step). Gradients are not in a checkpoint, so a resume point taken there would
+    lose half a step: the stop must wait for step 8."""
+    assert stop_during_a_slow_validation(reference, tmp_path, reviews, checkpoint_every=7) == 8
 
 
 def test_a_stop_at_the_end_of_an_epoch_resumes_into_the_next_one(reference, tmp_path, reviews):
     """A resume point taken at an epoch's last validation made the resumed fit end there (half its
     training missing); the stop now lands on the first step of the next epoch (step 16 of 30)."""
-    manifest, reference_dir = reference
-    manifest = copy.deepcopy(manifest)
-    slow_validation = tmp_path / "validation.parquet"
-    reviews[400:3400].to_parquet(slow_validation)
-    manifest["spec"]["data"]["validation"] = str(slow_validation)
-    manifest["spec"]["checkpoint"]["intervalSteps"] = 14
-    harness = Trainer(tmp_path)
-    run_dir = tmp_path / "store" / "tests" / "exact"
-    attempt = harness.attempt(manifest, str(run_dir), preempt_after_step=14)
-    assert attempt.exit_code == PREEMPTED_EXIT_CODE, attempt.output[-3000:]
-    assert read_status(run_dir)["lastCheckpoint"]["step"] == 16
-    final = harness.attempt(manifest, str(run_dir))
-    assert final.exit_code == 0, final.output[-3000:]
-    assert read_status(run_dir)["finalState"] == read_status(reference_dir)["finalState"]
+    assert stop_during_a_slow_validation(reference, tmp_path, reviews, checkpoint_every=14) == 16
 
 
 def test_truncated_newest_checkpoint_resumes_from_the_previous_one(reference, tmp_path):
