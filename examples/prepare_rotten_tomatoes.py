@@ -51,6 +51,7 @@ def main() -> None:
     spec["model"]["hfText"]["checkpoint"] = str(model)
     spec["checkpoint"] = {"storage": str(out / "store"), "intervalMinutes": 1}
     spec["resources"] = {"gpus": args.gpus}
+    del spec["volumes"]  # this machine's paths need none
     local = out / "rotten-tomatoes-minilm.local.yaml"
     local.write_text("# Written by prepare_rotten_tomatoes.py: the example with this machine's paths.\n"
                      + yaml.safe_dump(manifest, sort_keys=False))

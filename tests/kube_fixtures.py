@@ -940,6 +940,10 @@ class Kubelet:
         record = self._find(pod_name, namespace, live=False)
         return record.log_path.read_text(errors="replace") if record.log_path.exists() else ""
 
+    def claim_dir(self, claim: str, namespace: str | None = None) -> Path:
+        """The host directory behind a PersistentVolumeClaim (one per claim, outliving pods)."""
+        return self.root / "claims" / (namespace or self.kube.namespace) / claim
+
     def override_command(self, run: str, argv: list[str] | None) -> None:
         """Pods of that run (label kontinue.dev/run) started from now on run argv instead of
         their command and args (env and mounts still apply). None restores the pod's own."""
@@ -1185,7 +1189,7 @@ class Kubelet:
             if "emptyDir" in volume:
                 host = record.dir / "volumes" / volume["name"]
             elif "persistentVolumeClaim" in volume:
-                host = self.root / "claims" / record.namespace / volume["persistentVolumeClaim"]["claimName"]
+                host = self.claim_dir(volume["persistentVolumeClaim"]["claimName"], record.namespace)
             elif "hostPath" in volume:
                 host = Path(volume["hostPath"]["path"])
             elif "secret" in volume or "configMap" in volume:

@@ -1,11 +1,12 @@
 """What the operator's end-to-end tests share: the operator's flags, an uninterrupted reference
-run, reading a run's status, events and trainer status, preempting after a checkpoint, and
-checks over the API server's journal (every write, in order)."""
+run, training data on a claim, reading a run's status, events and trainer status, preempting
+after a checkpoint, and checks over the API server's journal (every write, in order)."""
 
 from __future__ import annotations
 
 import json
 import random
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,17 @@ def reference_state(tmp_path_factory, tiny_bert, review_tables) -> str:
     attempt = Trainer(workdir).attempt(manifest, str(workdir / "store" / "tests" / "e2e"))
     assert attempt.exit_code == 0, attempt.output[-3000:]
     return json.loads((workdir / "store" / "tests" / "e2e" / "status.json").read_text())["finalState"]["sha256"]
+
+
+def tables_on_claim(kubelet, review_tables: dict[str, str], claim: str = "reviews") -> tuple[dict[str, str], dict]:
+    """Copies the review tables into a PersistentVolumeClaim: spec.data for them (the paths in the
+    pod) and the spec.volumes entry that mounts the claim, read-only, at /data."""
+    directory = kubelet.claim_dir(claim)
+    directory.mkdir(parents=True, exist_ok=True)
+    for table in review_tables.values():
+        shutil.copy(table, directory)
+    data = {name: f"/data/{Path(table).name}" for name, table in review_tables.items()}
+    return data, {"name": "data", "claimName": claim, "mountPath": "/data", "readOnly": True}
 
 
 def run_status(kube, name: str = "e2e") -> dict:

@@ -143,6 +143,69 @@ def test_invalid_transfer_runs_are_refused_with_the_field_named(edits, path, by_
     _check_refused(parse_transfer_run, changed(TRANSFER, *edits), path, by_schema)
 
 
+VOLUME = {"name": "data", "claimName": "datasets", "mountPath": "/data", "readOnly": True}
+# (volumes, field path, words of the message, how the CRD refuses it: "schema" for its
+# openAPIV3Schema, a CEL message at that field, or "map" for its list-map key)
+VOLUME_CASES = {
+    "name not a label": ([{**VOLUME, "name": "Data_1"}], "spec.volumes[0].name", "DNS-1123 label", "schema"),
+    "reserved name": ([{**VOLUME, "name": "scratch"}], "spec.volumes[0].name", "trainer pod's own volumes", "CEL"),
+    "claim not a subdomain": ([{**VOLUME, "claimName": "my_claim"}], "spec.volumes[0].claimName",
+                              "DNS-1123 subdomain", "schema"),
+    "relative mountPath": ([{**VOLUME, "mountPath": "data"}], "spec.volumes[0].mountPath", "absolute path", "schema"),
+    "root mountPath": ([{**VOLUME, "mountPath": "/"}], "spec.volumes[0].mountPath", "other than /", "schema"),
+    "mountPath with ..": ([{**VOLUME, "mountPath": "/data/../etc"}], "spec.volumes[0].mountPath", "..", "schema"),
+    "reserved mountPath": ([{**VOLUME, "mountPath": "/tmp"}], "spec.volumes[0].mountPath", "/tmp", "CEL"),
+    "under a reserved path": ([{**VOLUME, "mountPath": "/scratch/data"}], "spec.volumes[0].mountPath",
+                              "lie under", "CEL"),
+    "above a reserved path": ([{**VOLUME, "mountPath": "/dev"}], "spec.volumes[0].mountPath", "contain", "CEL"),
+    "absolute subPath": ([{**VOLUME, "subPath": "/nlp"}], "spec.volumes[0].subPath", "relative path", "schema"),
+    "duplicate names": ([VOLUME, {**VOLUME, "mountPath": "/runs"}], "spec.volumes[1].name",
+                        "names must be unique", "map"),
+    "same mountPath": ([VOLUME, {**VOLUME, "name": "runs"}], "spec.volumes[1].mountPath",
+                       "spec.volumes[0].mountPath (/data); mountPaths must be unique", "CEL"),
+    "nested mountPaths": ([{**VOLUME, "mountPath": "/data/runs"}, {**VOLUME, "name": "runs"}],
+                          "spec.volumes[1].mountPath", "not nested in one another", "CEL"),
+    "too many": ([{**VOLUME, "name": f"v{i}", "mountPath": f"/v{i}"} for i in range(17)], "spec.volumes",
+                 "at most 16", "schema"),
+}
+
+
+def crd_node(kind, path):
+    """The CRD schema node of a field path such as spec.volumes[1].mountPath."""
+    node = crd_schema(kind)
+    for key in path.replace("[", ".[").split("."):
+        node = node["items"] if key.startswith("[") else node["properties"][key]
+    return node
+
+
+@pytest.mark.parametrize("volumes, path, words, crd", VOLUME_CASES.values(), ids=VOLUME_CASES)
+def test_invalid_volumes_are_refused_with_the_field_named(volumes, path, words, crd):
+    document = changed(TRANSFER, (("spec", "volumes"), volumes))
+    problems = refused(parse_transfer_run, document)
+    assert list(problems) == [path] and words in problems[path], problems
+    schema_paths = [problem.path for problem in schema_problems(document)]
+    if crd == "schema":
+        assert schema_paths == [path], schema_paths
+        return
+    assert schema_paths == []
+    if crd == "map":
+        assert crd_node("TransferRun", "spec.volumes")["x-kubernetes-list-map-keys"] == ["name"]
+    else:  # the same rule as CEL, at the field or (for rules across items) at the list
+        rules = [*crd_node("TransferRun", path).get("x-kubernetes-validations", []),
+                 *crd_node("TransferRun", "spec.volumes")["x-kubernetes-validations"]]
+        assert any(rule["message"] in problems[path] for rule in rules), (rules, problems)
+
+
+def test_volumes_parse_with_their_defaults():
+    data, checkpoints = parse_transfer_run(TRANSFER).spec.volumes
+    assert (data.name, data.claim_name, data.mount_path, data.sub_path, data.read_only) == \
+        ("datasets", "datasets", "/data", "nlp", True)
+    assert (checkpoints.sub_path, checkpoints.read_only) == (None, False)
+    assert parse_training_run(TRAINING).spec.volumes == []
+    volumes = crd_node("TrainingRun", "spec.volumes")
+    assert volumes["x-kubernetes-list-type"] == "map" and volumes["maxItems"] == 16
+
+
 def test_object_detection_without_label_is_valid():
     parse_transfer_run(changed(TRANSFER, (("spec", "task"), {"problemType": "object_detection"})))
 

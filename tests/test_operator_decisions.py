@@ -10,7 +10,7 @@ import kubernetes_validate
 import pytest
 
 from kontinue.api.manifests import parse_training_run
-from kontinue.operator.pods import RUN_LABEL, build_trainer_pod
+from kontinue.operator.pods import RUN_LABEL, build_trainer_pod, pod_problems
 from kontinue.operator.reconcile import Settings, decide
 from kontinue.operator.verdicts import FAILED, PENDING, PREEMPTED, RUNNING, SUCCEEDED, judge_pod
 
@@ -69,6 +69,64 @@ def test_gpu_pod_requests_gpus_and_placement():
     assert pod["spec"]["priorityClassName"] == "spot-training"
     assert pod["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in pod["spec"]["volumes"])
+
+
+RUNS = {"name": "runs", "claimName": "kontinue-runs", "mountPath": "/runs"}
+DATA = {"name": "data", "claimName": "datasets", "mountPath": "/data", "subPath": "nlp", "readOnly": True}
+
+
+def volume_body(**spec) -> dict:
+    """A run with its checkpoints on one claim and its tables on another, mounted read-only."""
+    return run_body(**{"data": {"train": "/data/sst/train.parquet", "validation": "file:///data/sst/dev.csv"},
+                       "checkpoint": {"storage": "file:///runs/ckpt", "intervalSteps": 50},
+                       "volumes": [RUNS, DATA], **spec})
+
+
+def test_trainer_pod_mounts_the_volumes():
+    body = volume_body(resources={"gpus": 1})
+    pod = build_trainer_pod(body, parse_training_run(body), 1, image=SETTINGS.image)
+    kubernetes_validate.validate(pod, "1.33.0", strict=True)
+    volumes = {volume["name"]: volume for volume in pod["spec"]["volumes"]}
+    container = pod["spec"]["containers"][0]
+    mounts = {mount["name"]: mount for mount in container["volumeMounts"]}
+    assert volumes["runs"]["persistentVolumeClaim"] == {"claimName": "kontinue-runs", "readOnly": False}
+    assert volumes["data"]["persistentVolumeClaim"] == {"claimName": "datasets", "readOnly": True}
+    assert mounts["runs"] == {"name": "runs", "mountPath": "/runs", "readOnly": False}
+    assert mounts["data"] == {"name": "data", "mountPath": "/data", "readOnly": True, "subPath": "nlp"}
+    assert [mount["mountPath"] for mount in mounts.values()] == ["/scratch", "/tmp", "/dev/shm", "/runs", "/data"]
+    assert container["args"][container["args"].index("--run-dir") + 1] == "file:///runs/ckpt/ml/sst/"
+    spec_env = json.loads(next(e["value"] for e in container["env"] if e["name"] == "KONTINUE_SPEC"))
+    assert "volumes" not in spec_env["spec"], "the pod mounts them; the trainer only opens paths"
+    assert pod_problems(parse_training_run(body)) == []
+
+
+def problems_of(body: dict) -> dict[str, str]:
+    return {problem.path: problem.message for problem in pod_problems(parse_training_run(body))}
+
+
+@pytest.mark.parametrize("body, field, words", [
+    (run_body(checkpoint={"storage": "/runs/ckpt"}), "spec.checkpoint.storage",
+     "/runs/ckpt is on no volume: the trainer pod's root filesystem is read-only; mount a PersistentVolumeClaim"),
+    (volume_body(checkpoint={"storage": "file:///runs2/ckpt"}), "spec.checkpoint.storage", "on no volume"),
+    (volume_body(checkpoint={"storage": "/runs/../etc"}), "spec.checkpoint.storage", "on no volume"),
+    (volume_body(checkpoint={"storage": "/data/ckpt"}), "spec.checkpoint.storage",
+     "/data/ckpt is on volume data, which is mounted readOnly"),
+    (volume_body(data={"train": "/data2/sst/train.parquet"}), "spec.data.train",
+     "/data2/sst/train.parquet is on no volume: the trainer pod sees no files but its volumes (data in the "
+     "trainer image is not supported)"),
+    (volume_body(data={"train": "/data/train.parquet", "test": "file:///srv/test.csv"}), "spec.data.test",
+     "file:///srv/test.csv is on no volume"),
+])
+def test_pod_problems_name_paths_the_pod_cannot_reach(body, field, words):
+    problems = problems_of(body)
+    assert list(problems) == [field] and words in problems[field], problems
+
+
+def test_pod_problems_leave_s3_and_mounted_paths_alone():
+    assert problems_of(run_body()) == {}  # s3:// storage and data
+    assert problems_of(volume_body(checkpoint={"storage": "/runs"}, data={"train": "/data/train.parquet"})) == {}
+    mixed = volume_body(checkpoint={"storage": "s3://runs/ckpt", "secretRef": {"name": "s3"}}, volumes=[DATA])
+    assert problems_of(mixed) == {}
 
 
 # -- verdicts ------------------------------------------------------------------------------------
@@ -213,6 +271,17 @@ def test_an_invalid_spec_fails_the_run_naming_the_field_once():
     plan = decide(body, [], NOW, SETTINGS)
     assert plan.status["phase"] == "Failed" and plan.create is None
     assert "spec.hyperparameters.optim.lrr" in plan.status["message"]
+    assert [e[1] for e in plan.events] == ["InvalidSpec"]
+    assert decide(apply(body, plan), [], NOW, SETTINGS).status == {}
+
+
+def test_a_run_whose_storage_no_volume_holds_fails_as_an_invalid_spec():
+    body = run_body(checkpoint={"storage": "/runs/ckpt"})
+    plan = decide(body, [], NOW, SETTINGS)
+    assert plan.status["phase"] == "Failed" and plan.create is None
+    failed = next(c for c in plan.status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidSpec" and failed["message"] == plan.status["message"]
+    assert "spec.checkpoint.storage: /runs/ckpt is on no volume" in failed["message"]
     assert [e[1] for e in plan.events] == ["InvalidSpec"]
     assert decide(apply(body, plan), [], NOW, SETTINGS).status == {}
 

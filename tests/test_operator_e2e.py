@@ -8,18 +8,20 @@ import random
 
 import pytest
 
-from tests.operator_helpers import OPERATOR_ARGS, preempt_after_checkpoint, run_status, transition_reasons
+from tests.operator_helpers import (OPERATOR_ARGS, preempt_after_checkpoint, run_status, tables_on_claim,
+                                    transition_reasons)
 from tests.trainer_fixtures import training_run
 
 
 @pytest.fixture
-def s3_run(kube, s3_server, tiny_bert, review_tables):
-    """A TrainingRun checkpointing to S3, with its credentials in a Secret."""
+def s3_run(kube, kubelet, s3_server, tiny_bert, review_tables):
+    """A TrainingRun checkpointing to S3, with its credentials in a Secret and its data on a claim."""
     bucket = s3_server.make_bucket("e2e")
     kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials"},
                  "stringData": {"endpoint": s3_server.endpoint, "accessKey": s3_server.access_key,
                                 "secretKey": s3_server.secret_key}})
-    manifest = training_run("e2e", f"s3://{bucket}/store", review_tables, tiny_bert)
+    data, data_volume = tables_on_claim(kubelet, review_tables)
+    manifest = training_run("e2e", f"s3://{bucket}/store", data, tiny_bert, volumes=[data_volume])
     manifest["spec"]["checkpoint"]["secretRef"] = {"name": "s3-credentials"}
     manifest["metadata"]["namespace"] = kube.namespace
 

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from kontinue.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,3 +67,18 @@ def test_module_entry_point():
     assert all(any(line.startswith(expected) for line in bad.stdout.splitlines()) for expected in BAD_LINES)
     good = run("-", input=Path(GOOD[1]).read_text())
     assert good.returncode == 0 and "<stdin>:1: TransferRun/sts-from-sst: valid" in good.stdout
+
+
+def test_in_cluster_also_reports_paths_that_no_volume_holds(tmp_path, capsys):
+    document = yaml.safe_load(Path(GOOD[1]).read_text())
+    document["spec"]["volumes"] = document["spec"]["volumes"][:1]  # the data only: no /checkpoints
+    unmounted = tmp_path / "unmounted.yaml"
+    unmounted.write_text(yaml.safe_dump(document))
+    assert main(["validate", str(unmounted)]) == 0, "paths are fine on this machine"
+    assert main(["validate", "--in-cluster", *GOOD]) == 0
+    capsys.readouterr()
+    assert main(["validate", "--in-cluster", str(unmounted)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"{unmounted}:1: TransferRun/sts-from-sst: spec.checkpoint.storage: /checkpoints is on no "
+                     "volume: the trainer pod's root filesystem is read-only; mount a PersistentVolumeClaim "
+                     "there with spec.volumes"]

@@ -9,7 +9,8 @@ from pathlib import Path
 import yaml
 
 from kontinue.api.crd import HEADER, build_crds, to_yaml, write_crds
-from kontinue.api.manifests import describe, document_problems, is_kontinue, load_documents
+from kontinue.api.manifests import describe, document_problems, is_kontinue, load_documents, parse_resource
+from kontinue.operator.pods import pod_problems
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,6 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     validate = subparsers.add_parser(
         "validate", help="check TrainingRun/TransferRun manifests against the models and the CRDs")
     validate.add_argument("files", nargs="+", metavar="FILE", help="YAML files; - reads stdin")
+    validate.add_argument("--in-cluster", action="store_true", help=(
+        "also report what cannot work in a trainer pod: file paths in spec.data and "
+        "spec.checkpoint.storage that no volume of spec.volumes holds"))
     validate.set_defaults(func=_validate)
 
 
@@ -54,6 +58,8 @@ def _validate(args: argparse.Namespace) -> int:
                 print(f"{where}: skipped (not a kontinue resource)")
                 continue
             problems = document_problems(document)
+            if args.in_cluster and not problems:
+                problems = pod_problems(parse_resource(document))
             for problem in problems:
                 print(f"{where}: {problem}")
             if not problems:

@@ -24,6 +24,15 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 Backbone = Literal["hf_text", "timm_image", "mmdet_image"]  # AutoMM prefixes, in AutoMM's order
 BACKBONES: tuple[str, ...] = get_args(Backbone)
+# The trainer pod's own emptyDir volumes, name -> mount path (kontinue.operator.pods mounts them):
+# spec.volumes may not use these names, nor mount at, under or above these paths.
+RESERVED_VOLUMES = {"scratch": "/scratch", "tmp": "/tmp", "dshm": "/dev/shm"}
+MAX_VOLUMES = 16  # keeps the CRD's CEL rules within the API server's cost budget
+
+
+def path_within(path: str, directory: str) -> bool:
+    """Whether `path` is `directory` or lies under it, by whole components (/data2 is not in /data)."""
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
 def _errors(errors: list[tuple[tuple, str, str, Any]]) -> ValidationError:
@@ -33,14 +42,29 @@ def _errors(errors: list[tuple[tuple, str, str, Any]]) -> ValidationError:
         for loc, kind, message, value in errors])
 
 
-def _string(regex: str, expected: str, **schema: Any) -> Any:
-    """A str checked against `regex` (and minLength) with a readable message; both go into the CRD."""
+@dataclass(frozen=True)
+class Rule:
+    """A validation rule, written once as CEL (API server) and once in Python (pydantic)."""
+    cel: str
+    message: str
+    holds: Callable[[Any], bool]
+
+
+def _string(regex: str, expected: str, *rules: Rule, **schema: Any) -> Any:
+    """A str checked against `regex` (and min/maxLength), then `rules` on the value itself, with
+    readable messages; all of it goes into the CRD."""
     compiled = re.compile(regex)
 
     def check(value: Any) -> Any:
-        if isinstance(value, str) and (not compiled.fullmatch(value) or len(value) < schema.get("minLength", 0)):
+        if isinstance(value, str) and (not compiled.fullmatch(value) or len(value) < schema.get("minLength", 0)
+                                       or len(value) > schema.get("maxLength", len(value))):
             raise PydanticCustomError("pattern", f"must be {expected}")
+        for rule in rules:
+            if isinstance(value, str) and not rule.holds(value):
+                raise PydanticCustomError("pattern", rule.message)
         return value
+    if rules:
+        schema["x-kubernetes-validations"] = [{"rule": r.cel, "message": r.message} for r in rules]
     return Annotated[str, BeforeValidator(check),
                      WithJsonSchema({"type": "string", "pattern": regex, **schema})]
 
@@ -68,13 +92,31 @@ Quantity = Annotated[int | str, BeforeValidator(_quantity), WithJsonSchema(
     {"anyOf": [{"type": "integer"}, {"type": "string"}], "pattern": _QUANTITY,
      "x-kubernetes-int-or-string": True})]
 
+_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_COMPONENT = r"([^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+)"  # a path component other than . and ..
+_RESERVED_NAMES, _RESERVED_PATHS = list(RESERVED_VOLUMES), list(RESERVED_VOLUMES.values())
 
-@dataclass(frozen=True)
-class Rule:
-    """A cross-field rule, written once as CEL (API server) and once in Python (pydantic)."""
-    cel: str
-    message: str
-    holds: Callable[[Any], bool]
+
+def _one_of(words: list[str]) -> str:
+    return f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+VolumeName = _string(
+    rf"^{_LABEL}$", "a DNS-1123 label: lowercase letters, digits and -, at most 63 characters",
+    Rule(f"!(self in {_RESERVED_NAMES})",
+         f"must not be {_one_of(_RESERVED_NAMES)}: the trainer pod's own volumes have those names",
+         lambda name: name not in RESERVED_VOLUMES), maxLength=63)
+ClaimName = _string(rf"^{_LABEL}(\.{_LABEL})*$",
+                    "a DNS-1123 subdomain: lowercase letters, digits, - and ., at most 253 characters",
+                    maxLength=253)
+MountPath = _string(
+    rf"^(/{_COMPONENT})+$", "an absolute path other than /, without a trailing / or . and .. components",
+    Rule(f"!{_RESERVED_PATHS}.exists(p, self == p || self.startsWith(p + '/') || p.startsWith(self + '/'))",
+         f"must not be, lie under or contain {_one_of(_RESERVED_PATHS)}: the trainer pod mounts its own "
+         "volumes there",
+         lambda path: not any(path_within(path, p) or path_within(p, path) for p in _RESERVED_PATHS)),
+    maxLength=256)
+SubPath = _string(rf"^{_COMPONENT}(/{_COMPONENT})*$", "a relative path without . and .. components")
 
 
 def _exactly_one(*values: Any) -> bool:
@@ -124,7 +166,8 @@ class TaskSpec(_Model):
 
 class DataSpec(_Model):
     """Tables to train on (parquet or csv, chosen by the file extension)."""
-    train: DataUri = Field(description="Training table: s3://bucket/key, file:///path or /path.")
+    train: DataUri = Field(description=(
+        "Training table: s3://bucket/key, or file:///path or /path on a volume of spec.volumes."))
     validation: DataUri | None = Field(
         None, description="Validation table; a split of train is held out when unset.")
     test: DataUri | None = Field(None, description="Table scored once after training.")
@@ -167,14 +210,30 @@ class SecretRef(_Model):
 class CheckpointSpec(_Model):
     """Where and how often training state is saved; SIGTERM (preemption) always saves."""
     storage: DirectoryUri = Field(description=(
-        "s3://bucket/prefix, file:///path or /path on a mounted volume; the run directory is "
-        "<storage>/<namespace>/<name>/."))
+        "s3://bucket/prefix, or file:///path or /path on a writable volume of spec.volumes; the run "
+        "directory is <storage>/<namespace>/<name>/."))
     secret_ref: SecretRef | None = Field(None, description="S3 endpoint and credentials; required for s3://.")
     interval_steps: int | None = Field(None, ge=1, description="Also save every this many optimizer steps.")
     interval_minutes: float | None = Field(None, gt=0, description="Also save at least this often (minutes).")
     rules = (Rule("!self.storage.startsWith('s3://') || has(self.secretRef)",
                   "checkpoint.secretRef is required when checkpoint.storage is an s3:// URI",
                   lambda c: not c.storage.startswith("s3://") or c.secret_ref is not None),)
+
+
+class VolumeSpec(_Model):
+    """A PersistentVolumeClaim mounted into the trainer pod."""
+    name: VolumeName = Field(description="Volume name in the pod; unique among spec.volumes.")
+    claim_name: ClaimName = Field(description="PersistentVolumeClaim in the run's namespace.")
+    mount_path: MountPath = Field(description=(
+        "Where the trainer sees the claim, such as /data; not nested with another volume's mountPath."))
+    sub_path: SubPath | None = Field(None, description="Directory inside the claim to mount instead of its root.")
+    read_only: bool = Field(False, description=(
+        "Mount read-only: fine for data, while checkpoint.storage needs a writable volume."))
+
+
+_MOUNTS_APART = ("self.all(a, self.all(b, a.name == b.name || "
+                 "!(a.mountPath == b.mountPath || a.mountPath.startsWith(b.mountPath + '/'))))")
+_MOUNTS_APART_MESSAGE = "mountPaths must be unique and not nested in one another"
 
 
 class Toleration(_Model):
@@ -218,6 +277,12 @@ class _RunSpec(_Model):
     time_limit: Duration | None = Field(None, description='Training time budget, such as "30m" or "1h30m".')
     seed: int = Field(0, ge=0, description="Random seed.")
     checkpoint: CheckpointSpec = Field(description="Where and how often training state is saved.")
+    volumes: list[VolumeSpec] = Field(
+        default_factory=list, max_length=MAX_VOLUMES, description=(
+            "PersistentVolumeClaims mounted into the trainer pod: file paths in data and "
+            "checkpoint.storage must lie on one of them (the pod's root filesystem is read-only)."),
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"],
+                           "x-kubernetes-validations": [{"rule": _MOUNTS_APART, "message": _MOUNTS_APART_MESSAGE}]})
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pod resources and placement.")
     max_preemptions: int = Field(20, ge=0, description="Preemptions tolerated before the run fails.")
     backoff_limit: int = Field(3, ge=0, description="Failures (not preemptions) retried before the run fails.")
@@ -231,6 +296,23 @@ class _RunSpec(_Model):
         if problems:
             raise _errors([((p.key,), "hyperparameter", p.message, value[p.key]) for p in problems])
         return value
+
+    @field_validator("volumes")
+    @classmethod
+    def _check_volumes(cls, volumes: list[VolumeSpec]) -> list[VolumeSpec]:
+        errors = []
+        for index, volume in enumerate(volumes):
+            path = volume.mount_path
+            for earlier, other in enumerate(volumes[:index]):
+                if volume.name == other.name:
+                    errors.append(((index, "name"), "rule",
+                                   f"spec.volumes[{earlier}] has that name too; names must be unique", volume.name))
+                if path_within(path, other.mount_path) or path_within(other.mount_path, path):
+                    errors.append(((index, "mountPath"), "rule", f"{path} overlaps spec.volumes[{earlier}]"
+                                   f".mountPath ({other.mount_path}); {_MOUNTS_APART_MESSAGE}", path))
+        if errors:
+            raise _errors(errors)
+        return volumes
 
     @model_validator(mode="after")
     def _check_implied(self) -> Any:

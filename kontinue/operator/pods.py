@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 from typing import Any
 
-from kontinue.api.models import TrainingRun
+from kontinue.api.manifests import Problem
+from kontinue.api.models import RESERVED_VOLUMES, TrainingRun, TransferRun, VolumeSpec, path_within
 
 GROUP = "kontinue.dev"
 RUN_LABEL = f"{GROUP}/run"
 ATTEMPT_LABEL = f"{GROUP}/attempt"
 RUN_DIR_ANNOTATION = f"{GROUP}/run-dir"
 CONTAINER = "trainer"
-SCRATCH = "/scratch"
+SCRATCH = RESERVED_VOLUMES["scratch"]
 SPEC_ENV = "KONTINUE_SPEC"
 # Secret keys the spec's checkpoint.secretRef names -> the variables kontinue.storage reads.
 SECRET_KEYS = {"endpoint": "KONTINUE_S3_ENDPOINT", "accessKey": "KONTINUE_S3_ACCESS_KEY",
@@ -48,9 +50,11 @@ def _resources(run: TrainingRun) -> dict[str, Any]:
 
 
 def _env(run: TrainingRun) -> list[dict[str, Any]]:
+    # Without volumes: the pod mounts them, the trainer only opens paths (and an older trainer
+    # image, which does not know the field, still accepts the spec).
     document = {"apiVersion": run.api_version, "kind": run.kind,
                 "metadata": {"name": run.metadata.name, "namespace": run.metadata.namespace},
-                "spec": run.spec.model_dump(mode="json", by_alias=True, exclude_none=True)}
+                "spec": run.spec.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"volumes"})}
     env = [
         {"name": SPEC_ENV, "value": json.dumps(document, sort_keys=True)},
         {"name": "HOME", "value": f"{SCRATCH}/home"},
@@ -75,11 +79,18 @@ def build_trainer_pod(body: dict[str, Any], run: TrainingRun, attempt: int, *, i
     """
     name, namespace = run.metadata.name, run.metadata.namespace or "default"
     spec = run.spec
-    volumes = [{"name": "scratch", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}]
-    mounts = [{"name": "scratch", "mountPath": SCRATCH}, {"name": "tmp", "mountPath": "/tmp"}]
+    empty_dirs: dict[str, dict[str, str]] = {"scratch": {}, "tmp": {}}
     if spec.resources.gpus:  # NCCL and DataLoader workers need more shared memory than the default 64 MiB
-        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
-        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+        empty_dirs["dshm"] = {"medium": "Memory"}
+    volumes = [{"name": key, "emptyDir": source} for key, source in empty_dirs.items()]
+    mounts = [{"name": key, "mountPath": RESERVED_VOLUMES[key]} for key in empty_dirs]
+    for volume in spec.volumes:
+        volumes.append({"name": volume.name, "persistentVolumeClaim": {
+            "claimName": volume.claim_name, "readOnly": volume.read_only}})
+        mount = {"name": volume.name, "mountPath": volume.mount_path, "readOnly": volume.read_only}
+        if volume.sub_path:
+            mount["subPath"] = volume.sub_path
+        mounts.append(mount)
     container = {
         "name": CONTAINER,
         "image": spec.image or image,
@@ -137,3 +148,38 @@ def build_trainer_pod(body: dict[str, Any], run: TrainingRun, attempt: int, *, i
         },
         "spec": pod_spec,
     }
+
+
+def _file_path(uri: str) -> str | None:
+    """The normalised path of a file:///path or /path URI; None for s3:// URIs."""
+    path = uri.removeprefix("file://")
+    return posixpath.normpath(path) if path.startswith("/") else None
+
+
+def _volume_holding(path: str, volumes: list[VolumeSpec]) -> VolumeSpec | None:
+    return next((volume for volume in volumes if path_within(path, volume.mount_path)), None)
+
+
+def pod_problems(run: TrainingRun | TransferRun) -> list[Problem]:
+    """What cannot work inside a trainer pod, which sees no files but its volumes: file paths in
+    spec.checkpoint.storage (on no writable volume) and spec.data (on no volume)."""
+    spec, problems = run.spec, []
+    storage = _file_path(spec.checkpoint.storage)
+    if storage is not None:
+        volume = _volume_holding(storage, spec.volumes)
+        if volume is None:
+            problems.append(Problem("spec.checkpoint.storage", (
+                f"{spec.checkpoint.storage} is on no volume: the trainer pod's root filesystem is read-only; "
+                "mount a PersistentVolumeClaim there with spec.volumes")))
+        elif volume.read_only:
+            problems.append(Problem("spec.checkpoint.storage", (
+                f"{spec.checkpoint.storage} is on volume {volume.name}, which is mounted readOnly; "
+                "checkpoints need a writable volume")))
+    for name in ("train", "validation", "test"):
+        uri = getattr(spec.data, name)
+        path = _file_path(uri) if uri else None
+        if path is not None and _volume_holding(path, spec.volumes) is None:
+            problems.append(Problem(f"spec.data.{name}", (
+                f"{uri} is on no volume: the trainer pod sees no files but its volumes (data in the trainer "
+                "image is not supported); mount the PersistentVolumeClaim that holds it with spec.volumes")))
+    return problems

@@ -12,8 +12,8 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from kontinue.api.manifests import SpecError, parse_training_run
-from kontinue.operator.pods import build_trainer_pod, pod_name
+from kontinue.api.manifests import SpecError, describe, parse_training_run
+from kontinue.operator.pods import build_trainer_pod, pod_name, pod_problems
 from kontinue.operator.verdicts import FAILED, PREEMPTED, RUNNING, SUCCEEDED, Verdict, judge_pod
 
 PENDING_PHASE, RUNNING_PHASE, PREEMPTED_PHASE = "Pending", "Running", "Preempted"
@@ -75,6 +75,8 @@ def decide(body: dict[str, Any], pods: list[dict[str, Any]], now: dt.datetime, s
     plan = Plan()
     try:
         run = parse_training_run(body)
+        if unreachable := pod_problems(run):  # paths a trainer pod cannot see fail the same way
+            raise SpecError(unreachable, describe(body))
     except SpecError as error:
         message = str(error)
         if status.get("phase") != FAILED_PHASE or status.get("message") != message:
