@@ -65,14 +65,17 @@ STAND_IN = [sys.executable, "-c",
 PREEMPTED_WORD = json.dumps({"result": "preempted", "step": 42})  # the trainer's termination message on SIGTERM
 
 
-def run_manifest(name: str, storage: str) -> dict[str, Any]:
-    """A minimal valid TrainingRun (the pods never run the trainer, so the paths need not exist)."""
+def run_manifest(name: str) -> dict[str, Any]:
+    """A minimal valid TrainingRun with its data and run directory on claims (the pods never run
+    the trainer, so the files need not exist)."""
     return {
         "apiVersion": "kontinue.dev/v1alpha1", "kind": "TrainingRun",
         "metadata": {"name": name, "namespace": NAMESPACE},
         "spec": {"task": {"label": "label"}, "data": {"train": "/data/train.parquet"},
                  "model": {"hfText": {"checkpoint": "/models/minilm"}},
-                 "checkpoint": {"storage": storage}, "maxPreemptions": 1000},
+                 "checkpoint": {"storage": "/runs"}, "maxPreemptions": 1000,
+                 "volumes": [{"name": "runs", "claimName": "runs", "mountPath": "/runs"},
+                             {"name": "data", "claimName": "data", "mountPath": "/data", "readOnly": True}]},
     }
 
 
@@ -443,9 +446,8 @@ def bench_resume(args: argparse.Namespace, workdir: Path) -> list[tuple[str, str
         if not scripted:
             for name in names:
                 cluster.kubelet.override_command(name, STAND_IN)
-        storage = (workdir / "store").as_uri()
         for name in names:
-            kube.create(run_manifest(name, storage))
+            kube.create(run_manifest(name))
 
         def running(name: str) -> bool:  # the operator has seen the current attempt's pod running
             return recorder.phases.get(name) == "Running" and \
@@ -529,10 +531,10 @@ def first_reads(recorder: Recorder, since: dict[str, float]) -> dict[str, float]
     return found
 
 
-def probe(cluster: Cluster, name: str, storage: str, exit_after: float, timeout: float) -> dict[str, float]:
+def probe(cluster: Cluster, name: str, exit_after: float, timeout: float) -> dict[str, float]:
     """One new run under load: created -> its pod; then the pod runs, is preempted, and is replaced."""
     kube, recorder = cluster.kube, cluster.recorder
-    kube.create(run_manifest(name, storage))
+    kube.create(run_manifest(name))
     recorder.wait(lambda: f"{name}-1" in recorder.pods, timeout, f"pod {name}-1")
     start_pod(kube, f"{name}-1")
     recorder.wait(lambda: recorder.phases.get(name) == "Running", timeout, f"run {name} Running")
@@ -548,7 +550,6 @@ def bench_scale(args: argparse.Namespace, workdir: Path) -> list[tuple[str, str]
     kube, recorder, pid = cluster.kube, cluster.recorder, cluster.pid
     rows: list[tuple[str, str]] = []
     names = [f"run-{i:04d}" for i in range(args.runs)]
-    storage = (workdir / "store").as_uri()
     n = len(names)
     try:
         idle = proc_status(pid)
@@ -557,7 +558,7 @@ def bench_scale(args: argparse.Namespace, workdir: Path) -> list[tuple[str, str]
 
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(args.create_threads) as pool:
-            list(pool.map(lambda name: kube.create(run_manifest(name, storage)), names))
+            list(pool.map(lambda name: kube.create(run_manifest(name)), names))
         created = time.perf_counter()
         first_pods = [f"{name}-1" for name in names]
         timed_out = None
@@ -605,7 +606,7 @@ def bench_scale(args: argparse.Namespace, workdir: Path) -> list[tuple[str, str]
         with concurrent.futures.ThreadPoolExecutor(max(1, args.probes)) as pool:
             futures = []
             for name in probe_names:
-                futures.append(pool.submit(probe, cluster, name, storage, args.exit_after, args.scale_timeout))
+                futures.append(pool.submit(probe, cluster, name, args.exit_after, args.scale_timeout))
                 time.sleep(1.0)
             probes = []
             for future in futures:

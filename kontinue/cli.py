@@ -7,7 +7,8 @@ import importlib
 import sys
 
 # Modules that define `register(subparsers)`; each subcommand sets `func` to its handler.
-_COMMAND_MODULES = ("kontinue.api.commands", "kontinue.trainer.commands", "kontinue.operator.commands")
+_COMMAND_MODULES = ("kontinue.api.commands", "kontinue.trainer.commands", "kontinue.storage.commands",
+                    "kontinue.operator.commands")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -518,6 +518,8 @@ class ApiServer(kmock.KubernetesEmulator):
             if text is None:
                 raise kmock.KubernetesError(400, "BadRequest", f'container of pod "{request.name}" '
                                             "has not started")
+            if request.params.get("tailLines"):
+                text = "".join(text.splitlines(keepends=True)[-int(request.params["tailLines"]):])
             return kmock.Response(payload=text.encode(), headers={"Content-Type": "text/plain"})
         if request.subresource not in (None, "status"):
             raise kmock.KubernetesError(404, "NotFound", f"no subresource {request.subresource!r}")

@@ -17,7 +17,7 @@ from tests.kube_fixtures import PODS, RUN_LABEL
 from tests.trainer_fixtures import Trainer, training_run
 
 OPERATOR_ARGS = ("--metrics-port", "0", "--health-port", "0", "--image", "kontinue:test",
-                 "--grace-seconds", "30", "--backoff-seconds", "1")
+                 "--grace-seconds", "30", "--progress-seconds", "2", "--backoff-seconds", "1")
 # A container that runs until it is stopped (SIGTERM kills it: exit code 143).
 SLEEPER = [sys.executable, "-c", "import time; print('sleeping', flush=True); time.sleep(600)"]
 

@@ -37,3 +37,10 @@ def test_the_operator_role_cannot_replace_or_delete_trainingruns():
     for rule in role["rules"]:
         if "trainingruns" in rule["resources"]:
             assert not {"update", "create", "delete"} & set(rule["verbs"])
+
+
+def test_the_operator_role_reads_no_secrets():
+    """Storage is touched only by the run's own pods, which get the Secret as variables."""
+    role = next(d for d in documents() if d["kind"] == "ClusterRole")
+    assert not any("secrets" in rule["resources"] for rule in role["rules"])
+    assert any("pods/log" in rule["resources"] and rule["verbs"] == ["get"] for rule in role["rules"])

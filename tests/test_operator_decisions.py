@@ -10,7 +10,7 @@ import kubernetes_validate
 import pytest
 
 from kontinue.api.manifests import parse_training_run
-from kontinue.operator.pods import RUN_LABEL, build_trainer_pod, pod_problems
+from kontinue.operator.pods import ATTEMPT_LABEL, RUN_LABEL, build_cleanup_pod, build_trainer_pod, pod_problems
 from kontinue.operator.reconcile import Settings, decide
 from kontinue.operator.verdicts import FAILED, PENDING, PREEMPTED, RUNNING, SUCCEEDED, judge_pod
 
@@ -98,6 +98,25 @@ def test_trainer_pod_mounts_the_volumes():
     spec_env = json.loads(next(e["value"] for e in container["env"] if e["name"] == "KONTINUE_SPEC"))
     assert "volumes" not in spec_env["spec"], "the pod mounts them; the trainer only opens paths"
     assert pod_problems(parse_training_run(body)) == []
+
+
+def test_cleanup_pod_sees_what_the_trainer_saw_and_nothing_more():
+    body = volume_body(resources={"gpus": 2, "nodeSelector": {"pool": "spot"}, "priorityClassName": "spot"},
+                       checkpoint={"storage": "s3://runs/ckpt", "secretRef": {"name": "s3"}})
+    run = parse_training_run(body)
+    pod, trainer = build_cleanup_pod(body, run, image=SETTINGS.image), build_trainer_pod(body, run, 1, image="x")
+    kubernetes_validate.validate(pod, "1.33.0", strict=True)
+    container = pod["spec"]["containers"][0]
+    assert pod["metadata"]["name"] == "sst-cleanup" and ATTEMPT_LABEL not in pod["metadata"]["labels"]
+    assert pod["metadata"]["ownerReferences"] == trainer["metadata"]["ownerReferences"]
+    assert container["command"] + container["args"] == ["kontinue", "delete-run-dir", "s3://runs/ckpt/ml/sst/"]
+    assert [e for e in container["env"] if "valueFrom" in e] == [e for e in trainer["spec"]["containers"][0]["env"]
+                                                                 if "valueFrom" in e]
+    assert not any(e["name"] == "KONTINUE_SPEC" for e in container["env"])
+    assert "nvidia.com/gpu" not in json.dumps(container["resources"]) and "priorityClassName" not in pod["spec"]
+    assert pod["spec"]["nodeSelector"] == {"pool": "spot"}, "where the run's volumes can attach"
+    assert container["securityContext"] == trainer["spec"]["containers"][0]["securityContext"]
+    assert {v["name"] for v in pod["spec"]["volumes"]} == {v["name"] for v in trainer["spec"]["volumes"]} - {"dshm"}
 
 
 def problems_of(body: dict) -> dict[str, str]:
@@ -259,11 +278,43 @@ def test_failures_back_off_then_fail_with_the_reason_while_preemptions_do_not_co
     assert failed["reason"] == "OOMKilled" and "spec.resources.memory" in failed["message"]
 
 
-def test_a_pod_that_vanishes_is_a_preemption():
+def test_a_pod_that_vanishes_is_a_preemption_after_a_grace_period_for_its_last_state():
     body = run_body()
     body["status"] = {"attempt": 1, "currentPod": "sst-1", "podUID": "pod-sst-1", "phase": "Running"}
     plan = decide(body, [], NOW, SETTINGS)
-    assert plan.status["preemptions"] == 1 and plan.status["conditions"][-1]["reason"] == "PodDeleted"
+    assert plan.status["podGoneTime"] == "2026-11-22T12:00:00Z" and plan.requeue_after == 10 and not plan.events
+    body = apply(body, plan)
+    assert decide(body, [], NOW + dt.timedelta(seconds=4), SETTINGS).requeue_after == 6
+    plan = decide(body, [], NOW + dt.timedelta(seconds=10), SETTINGS)
+    assert plan.status["preemptions"] == 1 and plan.events[0][1:] == (
+        "Preempted", "pod sst-1 was preempted (PodDeleted); the next attempt resumes from the last checkpoint", 1)
+    assert plan.create["metadata"]["name"] == "sst-2", "the old pod is gone: the next attempt starts at once"
+    assert plan.status["attempt"] == 2 and plan.status["podGoneTime"] is None
+    assert [e[1::2] for e in plan.events] == [("Preempted", 1), ("AttemptStarted", 2)]
+
+
+def test_a_deleted_pod_is_judged_by_its_last_state_and_the_next_attempt_resumes_where_it_stopped():
+    body = run_body()
+    body["status"] = {"attempt": 1, "currentPod": "sst-1", "podUID": "pod-sst-1", "phase": "Running",
+                      "lastCheckpoint": {"uri": "s3://runs/ckpt/ml/sst/last.ckpt", "step": 30}}
+    checkpoint = {"uri": "s3://runs/ckpt/ml/sst/last.ckpt", "step": 42}
+    last_state = pod_state(phase="Failed", conditions=[DISRUPTED], deleting=True, terminated=exited(
+        75, {"result": "preempted", "step": 42, "checkpoint": checkpoint}))
+    plan = decide(body, [], NOW, SETTINGS, last_seen=last_state)
+    assert plan.verdict.reason == "PreemptionByScheduler" and plan.status["preemptions"] == 1
+    assert plan.status["lastCheckpoint"] == checkpoint and plan.create["metadata"]["name"] == "sst-2"
+    assert plan.events[-1][2] == "attempt 2: created pod sst-2, resuming from s3://runs/ckpt/ml/sst/last.ckpt (step 42)"
+    # the last state of a pod that is not the current one tells nothing
+    other = decide(body, [], NOW, SETTINGS, last_seen=pod_state(name="sst-0", terminated=exited(0)))
+    assert other.status["podGoneTime"] == "2026-11-22T12:00:00Z" and other.create is None
+
+
+def test_a_pending_image_pull_is_looked_at_again_when_its_time_out_is_due():
+    body = run_body()
+    body["status"] = {"attempt": 1, "currentPod": "sst-1", "podUID": "pod-sst-1", "phase": "Pending"}
+    pulling = pod_state(phase="Pending", waiting={"reason": "ImagePullBackOff"}, created=NOW - dt.timedelta(seconds=100))
+    plan = decide(body, [pulling], NOW, SETTINGS)
+    assert plan.create is None and plan.requeue_after == pytest.approx(SETTINGS.image_pull_timeout - 100)
 
 
 def test_an_invalid_spec_fails_the_run_naming_the_field_once():

@@ -55,6 +55,9 @@ def test_preempted_twice_the_run_finishes_bit_identical(kube, kubelet, operator_
         assert after["fromStep"] == before["toStep"], attempts
     assert transition_reasons(kube) == ["AttemptStarted", "Running", "Preempted"] * 2 + \
         ["AttemptStarted", "Running", "Succeeded"]
+    resumed = [event["message"] for event in kube.events(kube.namespace, "e2e") if event["reason"] == "AttemptStarted"]
+    for message, before in zip(resumed[1:], attempts):  # the checkpoint each preempted pod left
+        assert f"resuming from s3://" in message and f"(step {before['toStep']})" in message, resumed
     assert status["metrics"] and status["dumpedModelUri"].endswith("/dump")
     pods = kube.list("pods", kube.namespace)
     assert [p["metadata"]["name"] for p in pods] == ["e2e-3"], "earlier attempts' pods are gone"

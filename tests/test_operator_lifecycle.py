@@ -19,7 +19,8 @@ import requests
 
 from tests.kube_fixtures import PODS, ApiServer
 from tests.operator_helpers import (OPERATOR_ARGS, SLEEPER, assert_one_pod_at_a_time, local_trainer_status,
-                                    pod_lifetimes, preempt_after_checkpoint, run_status, transition_reasons)
+                                    pod_lifetimes, preempt_after_checkpoint, run_status, tables_on_claim,
+                                    transition_reasons)
 from tests.trainer_fixtures import training_run
 
 FINISHED = ("Succeeded", "Failed")
@@ -56,22 +57,26 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def manifest_in(tmp_path, tiny_bert, review_tables):
-    """A TrainingRun checkpointing into a local store under tmp_path, and its run directory."""
+def manifest_in(kubelet, tiny_bert, review_tables):
+    """A TrainingRun checkpointing onto a PersistentVolumeClaim (mounted at /runs) with its data on
+    another (/data), and its run directory as this machine sees it."""
+    data, data_volume = tables_on_claim(kubelet, review_tables)
+    runs_volume = {"name": "runs", "claimName": "runs", "mountPath": "/runs"}
+
     def make(name: str, **spec) -> tuple[dict, Path]:
-        manifest = training_run(name, str(tmp_path / "store"), review_tables, tiny_bert, **spec)
-        return manifest, tmp_path / "store" / "tests" / name
+        manifest = training_run(name, "/runs", data, tiny_bert, volumes=[data_volume, runs_volume], **spec)
+        return manifest, kubelet.claim_dir("runs") / "tests" / name
     return make
 
 
 # -- failures ------------------------------------------------------------------------------------
 
 def test_code_failures_use_the_backoff_limit_preemptions_do_not_and_operator_kills_change_nothing(
-        kube, kubelet, operator_process, manifest_in, review_tables):
+        kube, kubelet, operator_process, manifest_in):
     """backoffLimit 2: one preemption, then three attempts failing in code -> Failed, with the
     operator SIGKILLed while a pod runs, across the preemption and during a back-off."""
     manifest, _ = manifest_in("flaky", backoffLimit=2)
-    missing = f"{review_tables['train']}.missing.parquet"
+    missing = f"{manifest['spec']['data']['train']}.missing.parquet"
     manifest["spec"]["data"] = {**manifest["spec"]["data"], "train": missing}  # not the shared dict
     operator_process.start(*OPERATOR_ARGS[:-1], "3")  # back-off 3 s, then 6 s
     kubelet.override_command("flaky", SLEEPER)

@@ -120,6 +120,27 @@ def test_move_carries_the_sidecar(store):
         store.move("missing", "elsewhere")
 
 
+def test_delete_all_empties_a_run_directory_and_leaves_its_siblings(store):
+    run, sibling = store.child("ns", "run"), store.child("ns", "run-2")
+    run.put_bytes("last.ckpt", b"state", checksum=True)
+    run.put_bytes("dump/hf_text/model.safetensors", b"weights")
+    sibling.put_bytes("last.ckpt", b"other")
+    if path := run.local_path("last.ckpt"):  # what a killed writer leaves, which listing skips
+        (path.parent / ".last.ckpt.123.tmp").write_bytes(b"half")
+    assert run.delete_all() == 2
+    assert keys(run) == [] and keys(sibling) == ["last.ckpt"]
+    assert not (path and path.parent.exists()), "a local run directory goes as a whole"
+    assert run.delete_all() == 0, "deleting an empty or missing directory is fine"
+
+
+def test_delete_run_dir_command(local_store, capsys):
+    from kontinue.cli import main
+
+    local_store.put_bytes("ns/run/status.json", b"{}")
+    assert main(["delete-run-dir", local_store.child("ns", "run").uri]) == 0
+    assert "deleted 1 objects" in capsys.readouterr().out and keys(local_store) == []
+
+
 def test_child(store):
     sub = store.child("a", "b/c")
     assert sub.uri == store.uri + "/a/b/c"

@@ -426,6 +426,8 @@ class TrainingRunStatus(_Status):
     current_pod: str | None = Field(None, description="Name of the trainer pod of this attempt.")
     pod_uid: str | None = Field(None, description="uid of the current pod once it was seen.")
     pod_reason: str | None = Field(None, description="Last observed state of the current pod.")
+    pod_gone_time: datetime | None = Field(None, description=(
+        "When the current pod was found gone with no last state; it counts as preempted after a grace period."))
     next_attempt_time: datetime | None = Field(None, description="When the next attempt may start (back-off).")
     preempted_time: datetime | None = Field(None, description="When the last preemption was seen.")
     warnings: list[str] = Field(default_factory=list, description="Warnings from the trainer, newest last.")

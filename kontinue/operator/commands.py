@@ -6,6 +6,8 @@ import argparse
 import logging
 import os
 
+WORKERS = 16  # kopf's threads for the (synchronous) handlers
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("operator", help="run the operator (watches TrainingRuns, runs trainer pods)")
@@ -22,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--backoff-seconds", type=float, default=10.0,
                         help="first retry delay after a failed attempt; doubles with each failure")
     parser.add_argument("--backoff-max-seconds", type=float, default=600.0)
+    parser.add_argument("--progress-seconds", type=float, default=10.0,
+                        help="how often the status of a running run is refreshed from its trainer's log")
     parser.add_argument("--health-port", type=int, default=8080, help="liveness/readiness probe port (/healthz)")
     parser.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics port (0: off)")
     peering = parser.add_mutually_exclusive_group()
@@ -37,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _operator(args: argparse.Namespace) -> int:
     import kopf
     from kubernetes import config as kube_config
-    from kubernetes.client import ApiClient
+    from kubernetes.client import ApiClient, Configuration
     from prometheus_client import start_http_server
 
     from kontinue.operator import handlers
@@ -49,7 +53,10 @@ def _operator(args: argparse.Namespace) -> int:
     except kube_config.ConfigException:
         kube_config.load_kube_config()
     defaults = Settings()
-    handlers.RUNTIME.api = ApiClient()
+    configuration = Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = WORKERS + 4  # kopf's workers and the requeue timers
+    handlers.RUNTIME.api = ApiClient(configuration)
+    handlers.tick_every(args.progress_seconds)
     handlers.RUNTIME.settings = Settings(
         image=args.image or defaults.image, grace_seconds=args.grace_seconds,
         image_pull_timeout=args.image_pull_timeout, backoff_base=args.backoff_seconds,
@@ -64,7 +71,7 @@ def _operator(args: argparse.Namespace) -> int:
         settings.persistence.finalizer = "kontinue.dev/finalizer"
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kontinue.dev")
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kontinue.dev")
-        settings.execution.max_workers = 16
+        settings.execution.max_workers = WORKERS
 
     if args.metrics_port:
         start_http_server(args.metrics_port)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import logging
 import threading
 import time
@@ -18,12 +17,16 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from kontinue.api.manifests import SpecError, parse_training_run
+from kontinue.api.reports import last_status
 from kontinue.operator import metrics
-from kontinue.operator.pods import RUN_LABEL, run_label
-from kontinue.operator.reconcile import RUNNING_PHASE, Plan, Settings, decide, timestamp
-from kontinue.storage import StorageError, open_store
+from kontinue.operator.pods import ATTEMPT_LABEL, CONTAINER, RUN_LABEL, build_cleanup_pod, cleanup_pod_name, run_label
+from kontinue.operator.reconcile import RUNNING_PHASE, Plan, Settings, decide, reported_status, timestamp
+from kontinue.operator.verdicts import RUNNING, termination_message
 
 GROUP, VERSION, PLURAL = "kontinue.dev", "v1alpha1", "trainingruns"
+SAFETY_NET_INTERVAL = 60.0  # a run no event or requeue woke for this long is looked at anyway
+LOG_TAIL_LINES = 200
+CLEANUP_TIMEOUT = 600.0  # seconds a cleanup pod may take before the run is let go without it
 log = logging.getLogger("kontinue.operator")
 
 
@@ -36,6 +39,7 @@ class Runtime:
     locks: defaultdict = field(default_factory=lambda: defaultdict(threading.Lock))
     timers: dict = field(default_factory=dict)  # (namespace, name) -> (due, threading.Timer)
     timers_lock: threading.Lock = field(default_factory=threading.Lock)
+    reconciled: dict = field(default_factory=dict)  # (namespace, name) -> time.monotonic() of the last reconcile
 
     @property
     def core(self) -> client.CoreV1Api:
@@ -71,12 +75,13 @@ def _get_run(namespace: str, name: str) -> dict[str, Any] | None:
 
 
 def _pods_of(run: dict[str, Any]) -> list[dict[str, Any]]:
-    """The run's pods: labelled with it and owned by this very object (not a namesake's)."""
+    """The run's trainer pods: labelled with it and owned by this very object (not a namesake's)."""
     namespace, name, uid = run["metadata"]["namespace"], run["metadata"]["name"], run["metadata"]["uid"]
     listing = RUNTIME.api.sanitize_for_serialization(
         RUNTIME.core.list_namespaced_pod(namespace, label_selector=f"{RUN_LABEL}={run_label(name)}"))
     return [pod for pod in listing.get("items", [])
             if pod["metadata"].get("labels", {}).get(RUN_LABEL) == run_label(name)
+            and ATTEMPT_LABEL in pod["metadata"]["labels"]
             and any(ref.get("uid") == uid for ref in pod["metadata"].get("ownerReferences") or [])]
 
 
@@ -117,8 +122,7 @@ def _apply(run: dict[str, Any], plan: Plan, now: dt.datetime) -> None:
     # Events first: a transition whose status write is lost (a crash, an API error further down)
     # is decided again by the next reconcile and posts the same event name, which is then a no-op;
     # posted after the writes, its event would be lost instead.
-    attempt = int(plan.status.get("attempt") or (run.get("status") or {}).get("attempt") or 0)
-    for kind, reason, message in plan.events:
+    for kind, reason, message, attempt in plan.events:
         _post_event(run, kind, reason, message, now, attempt)
     current = run.get("status") or {}
     changed = {key: value for key, value in plan.status.items() if current.get(key) != value}
@@ -128,24 +132,28 @@ def _apply(run: dict[str, Any], plan: Plan, now: dt.datetime) -> None:
         _ignore(404, RUNTIME.core.delete_namespaced_pod, name, meta["namespace"])
     if plan.create is not None:
         _ignore(409, RUNTIME.core.create_namespaced_pod, meta["namespace"], plan.create)
-        metrics.pod_created(run.get("status") or {}, now)
+        metrics.pod_created({**(run.get("status") or {}), **plan.status}, now)
     if plan.verdict is not None and plan.verdict.final:
         metrics.verdict(plan.verdict)
 
 
-def reconcile(namespace: str, name: str, *, refresh: bool = False) -> float | None:
-    """One step for one run; returns when to look again (None: on the next event or tick)."""
+def reconcile(namespace: str, name: str, *, refresh: bool = False,
+              last_seen: dict[str, Any] | None = None) -> float | None:
+    """One step for one run; returns when to look again (None: on the next event or tick).
+
+    `refresh` also reads the trainer's newest status line from its pod's log; `last_seen` is the
+    last state of a pod of the run that was just deleted."""
     with RUNTIME.locks[(namespace, name)]:
+        RUNTIME.reconciled[(namespace, name)] = time.monotonic()
         run = _get_run(namespace, name)
         if run is None or run["metadata"].get("deletionTimestamp"):
             return None
         now = _now()
-        plan = decide(run, _pods_of(run), now, RUNTIME.settings)
+        plan = decide(run, _pods_of(run), now, RUNTIME.settings, last_seen)
+        if refresh and plan.verdict is not None and plan.verdict.outcome == RUNNING:
+            plan.status.update(reported_status(_trainer_report(run), run.get("status") or {}))
         _apply(run, plan, now)
-        phase = plan.status.get("phase") or (run.get("status") or {}).get("phase")
-        metrics.phase(namespace, name, phase)
-        if refresh and phase == RUNNING_PHASE:
-            _refresh_progress(run)
+        metrics.phase(namespace, name, plan.status.get("phase") or (run.get("status") or {}).get("phase"))
         if plan.requeue_after is not None:
             _reconcile_later(namespace, name, plan.requeue_after)
         return plan.requeue_after
@@ -177,44 +185,16 @@ def _reconcile_now(key: tuple[str, str], due: float) -> None:
         log.exception("reconciling %s/%s failed", *key)
 
 
-def _secret_environ(namespace: str, run) -> dict[str, str]:
-    from kontinue.operator.pods import SECRET_KEYS
-
-    secret_ref = run.spec.checkpoint.secret_ref
-    if secret_ref is None:
-        return {}
-    secret = RUNTIME.api.sanitize_for_serialization(RUNTIME.core.read_namespaced_secret(secret_ref.name, namespace))
-    import base64
-
-    data = {key: base64.b64decode(value).decode() for key, value in (secret.get("data") or {}).items()}
-    data.update(secret.get("stringData") or {})
-    return {variable: data[key] for key, variable in SECRET_KEYS.items() if key in data}
-
-
-def _refresh_progress(body: dict[str, Any]) -> None:
-    """Copies progress, the last checkpoint and metrics from the run directory's status.json."""
-    try:
-        run = parse_training_run(body)
-        store = open_store(run.run_directory(), environ=_secret_environ(body["metadata"]["namespace"], run))
-        if not store.exists("status.json"):
-            return
-        trainer = json.loads(store.read_text("status.json"))
-    except (SpecError, StorageError, ApiException, ValueError) as error:
-        log.warning("no progress for %s: %s", body["metadata"]["name"], error)
-        return
-    update: dict[str, Any] = {}
-    if trainer.get("progress") is not None:
-        update.update(progress=f"{round(100 * trainer['progress'])}%", progressRatio=trainer["progress"])
-    for ours, theirs in (("lastCheckpoint", "lastCheckpoint"), ("bestCheckpoint", "bestCheckpoint"),
-                         ("metrics", "metrics")):
-        if trainer.get(theirs):
-            update[ours] = trainer[theirs]
-    if trainer.get("warnings"):
-        update["warnings"] = [w["message"] for w in trainer["warnings"]][-10:]
-    current = body.get("status") or {}
-    update = {key: value for key, value in update.items() if current.get(key) != value}
-    if update:
-        _patch_status(body, update)
+def _trainer_report(run: dict[str, Any]) -> dict[str, Any] | None:
+    """The newest status line in the current pod's log."""
+    meta, pod = run["metadata"], (run.get("status") or {}).get("currentPod")
+    try:  # raw: the client would turn the text into the repr of its bytes
+        response = RUNTIME.core.read_namespaced_pod_log(pod, meta["namespace"], container=CONTAINER,
+                                                        tail_lines=LOG_TAIL_LINES, _preload_content=False)
+    except ApiException as error:
+        log.debug("no log for pod %s: %s", pod, error.reason)
+        return None
+    return last_status(response.data.decode("utf-8", errors="replace"))
 
 
 # -- kopf wiring -----------------------------------------------------------------------------------
@@ -224,22 +204,31 @@ def run_changed(type: str, name: str, namespace: str, **_: Any) -> None:
     if type == "DELETED":
         metrics.forget(namespace, name)
         RUNTIME.locks.pop((namespace, name), None)
+        RUNTIME.reconciled.pop((namespace, name), None)
         return
     reconcile(namespace, name)
 
 
 @kopf.on.event("", "v1", "pods", labels={RUN_LABEL: kopf.PRESENT})
-def pod_changed(body: kopf.Body, namespace: str, **_: Any) -> None:
+def pod_changed(type: str, body: kopf.Body, namespace: str, **_: Any) -> None:
     for owner in body.get("metadata", {}).get("ownerReferences") or []:
         if owner.get("kind") == "TrainingRun" and owner.get("apiVersion", "").startswith(f"{GROUP}/"):
-            reconcile(namespace, owner["name"])
+            reconcile(namespace, owner["name"], last_seen=dict(body) if type == "DELETED" else None)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=10.0, initial_delay=1.0,
-            when=lambda status, **_: status.get("phase") not in ("Succeeded", "Failed"))
-def tick(name: str, namespace: str, **_: Any) -> None:
-    """Catches what no event announces: back-off deadlines, image-pull time-outs, progress."""
-    reconcile(namespace, name, refresh=True)
+def tick(name: str, namespace: str, body: kopf.Body, **_: Any) -> None:
+    """Progress of running runs. For the others only a safety net: events and the requeues that
+    decide asks for (back-off deadlines, image-pull time-outs) catch every decision on time, and
+    thousands of runs waiting for GPUs must not keep the workers from the events."""
+    running = (body.get("status") or {}).get("phase") == RUNNING_PHASE
+    if running or time.monotonic() - RUNTIME.reconciled.get((namespace, name), 0.0) >= SAFETY_NET_INTERVAL:
+        reconcile(namespace, name, refresh=running)
+
+
+def tick_every(seconds: float) -> None:
+    """Registers `tick` (the operator's --progress-seconds)."""
+    kopf.timer(GROUP, VERSION, PLURAL, interval=seconds, initial_delay=1.0,
+               when=lambda body, **_: (body.get("status") or {}).get("phase") not in ("Succeeded", "Failed"))(tick)
 
 
 def _deletes_run_directory(body: kopf.Body, **_: Any) -> bool:
@@ -250,21 +239,39 @@ def _deletes_run_directory(body: kopf.Body, **_: Any) -> bool:
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, when=_deletes_run_directory)
-def delete_run_directory(body: kopf.Body, namespace: str, **_: Any) -> None:
+def delete_run_directory(body: kopf.Body, namespace: str, runtime: dt.timedelta, **_: Any) -> None:
     """Pods go by ownerReference; the run directory only when the spec asks for it, and only once
     no trainer is left to write into it: the garbage collector stops pods only after the run is
-    gone, and a stopping trainer still saves a resume point, so the handler stops them first."""
+    gone, and a stopping trainer still saves a resume point, so the handler stops them first.
+    A cleanup pod deletes the directory: it mounts the run's volumes and Secret as the trainer
+    did, so the operator needs neither."""
+    run_body = dict(body)
     try:
-        run = parse_training_run(dict(body))
+        run = parse_training_run(run_body)
     except SpecError:
         return
-    pods = _pods_of(dict(body))
-    for pod in pods:
+    trainers = _pods_of(run_body)
+    for pod in trainers:
         if not pod["metadata"].get("deletionTimestamp"):
             _ignore(404, RUNTIME.core.delete_namespaced_pod, pod["metadata"]["name"], namespace)
-    if pods:
-        raise kopf.TemporaryError(f"waiting for {len(pods)} trainer pod(s) to stop", delay=2)
-    store = open_store(run.run_directory(), environ=_secret_environ(namespace, run))
-    for info in store.list():
-        store.delete(info.key)
+    if trainers:
+        raise kopf.TemporaryError(f"waiting for {len(trainers)} trainer pod(s) to stop", delay=2)
+    name = cleanup_pod_name(run.metadata.name)
+    try:
+        cleanup = RUNTIME.api.sanitize_for_serialization(RUNTIME.core.read_namespaced_pod(name, namespace))
+    except ApiException as error:
+        if error.status != 404:
+            raise
+        _ignore(409, RUNTIME.core.create_namespaced_pod, namespace,
+                build_cleanup_pod(run_body, run, image=RUNTIME.settings.image))
+        raise kopf.TemporaryError(f"deleting {run.run_directory()} in pod {name}", delay=2)
+    phase = (cleanup.get("status") or {}).get("phase")
+    if phase == "Failed" or (phase != "Succeeded" and runtime.total_seconds() > CLEANUP_TIMEOUT):
+        message = f"pod {name} could not delete {run.run_directory()}: " + (
+            termination_message(cleanup) or f"still {phase} after {runtime.total_seconds():.0f}s")
+        _post_event(run_body, "Warning", "RunDirectoryNotDeleted", message, _now())
+        log.warning(message)
+        return  # the run goes; its directory stays for a person to look at
+    if phase != "Succeeded":
+        raise kopf.TemporaryError(f"waiting for pod {name} to delete {run.run_directory()}", delay=2)
     log.info("deleted run directory %s", run.run_directory())

@@ -8,7 +8,7 @@ from collections import Counter as Tally
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from kontinue.operator.verdicts import FAILED, PREEMPTED, Verdict
+from kontinue.operator.verdicts import FAILED, PREEMPTED, Verdict, parse_time
 
 RUNS = Gauge("kontinue_trainingruns", "TrainingRuns by phase", ["phase"])
 PREEMPTIONS = Counter("kontinue_preemptions_total", "Trainer pods lost to preemption or eviction", ["reason"])
@@ -50,8 +50,10 @@ def verdict(outcome: Verdict) -> None:
 
 
 def pod_created(status: dict, now: dt.datetime) -> None:
+    """`status` as written with the pod's creation: a pod that resumes a preemption still has its
+    Preempted condition True."""
     PODS.inc()
     preempted = status.get("preemptedTime")
-    if preempted and status.get("phase") == "Preempted":
-        seen = dt.datetime.fromisoformat(preempted.replace("Z", "+00:00"))
-        RESUME_LATENCY.observe(max(0.0, (now - seen).total_seconds()))
+    if preempted and any(c.get("type") == "Preempted" and c.get("status") == "True"
+                         for c in status.get("conditions") or []):
+        RESUME_LATENCY.observe(max(0.0, (now - parse_time(preempted)).total_seconds()))

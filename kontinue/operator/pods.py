@@ -49,14 +49,9 @@ def _resources(run: TrainingRun) -> dict[str, Any]:
     return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
 
 
-def _env(run: TrainingRun) -> list[dict[str, Any]]:
-    # Without volumes: the pod mounts them, the trainer only opens paths (and an older trainer
-    # image, which does not know the field, still accepts the spec).
-    document = {"apiVersion": run.api_version, "kind": run.kind,
-                "metadata": {"name": run.metadata.name, "namespace": run.metadata.namespace},
-                "spec": run.spec.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"volumes"})}
+def _environment(run: TrainingRun) -> list[dict[str, Any]]:
+    """Caches on scratch (the root filesystem is read-only) and S3 credentials from the Secret only."""
     env = [
-        {"name": SPEC_ENV, "value": json.dumps(document, sort_keys=True)},
         {"name": "HOME", "value": f"{SCRATCH}/home"},
         {"name": "HF_HOME", "value": f"{SCRATCH}/huggingface"},
         {"name": "TORCH_HOME", "value": f"{SCRATCH}/torch"},
@@ -71,16 +66,22 @@ def _env(run: TrainingRun) -> list[dict[str, Any]]:
     return env
 
 
-def build_trainer_pod(body: dict[str, Any], run: TrainingRun, attempt: int, *, image: str,
-                      grace_seconds: int = 120) -> dict[str, Any]:
-    """The pod of one attempt: `kontinue train` on the run directory, locked down, owned by the run.
+def _spec_variable(run: TrainingRun) -> dict[str, Any]:
+    # Without volumes: the pod mounts them, the trainer only opens paths (and an older trainer
+    # image, which does not know the field, still accepts the spec).
+    document = {"apiVersion": run.api_version, "kind": run.kind,
+                "metadata": {"name": run.metadata.name, "namespace": run.metadata.namespace},
+                "spec": run.spec.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"volumes"})}
+    return {"name": SPEC_ENV, "value": json.dumps(document, sort_keys=True)}
 
-    `body` is the TrainingRun object as the API returned it (for its uid); `run` its parsed form.
-    """
-    name, namespace = run.metadata.name, run.metadata.namespace or "default"
+
+def _locked_down_pod(body: dict[str, Any], run: TrainingRun, name: str, labels: dict[str, str],
+                     container: dict[str, Any], *, shared_memory: bool, grace_seconds: int) -> dict[str, Any]:
+    """A pod of the run: its volumes, placement and Secret, non-root on a read-only root
+    filesystem with no capabilities and no API token, owned by the run."""
     spec = run.spec
     empty_dirs: dict[str, dict[str, str]] = {"scratch": {}, "tmp": {}}
-    if spec.resources.gpus:  # NCCL and DataLoader workers need more shared memory than the default 64 MiB
+    if shared_memory:  # NCCL and DataLoader workers need more shared memory than the default 64 MiB
         empty_dirs["dshm"] = {"medium": "Memory"}
     volumes = [{"name": key, "emptyDir": source} for key, source in empty_dirs.items()]
     mounts = [{"name": key, "mountPath": RESERVED_VOLUMES[key]} for key in empty_dirs]
@@ -93,12 +94,10 @@ def build_trainer_pod(body: dict[str, Any], run: TrainingRun, attempt: int, *, i
         mounts.append(mount)
     container = {
         "name": CONTAINER,
-        "image": spec.image or image,
+        "image": container.pop("image"),
         "imagePullPolicy": "IfNotPresent",
-        "command": ["kontinue", "train"],
-        "args": ["--spec", f"env:{SPEC_ENV}", "--run-dir", run.run_directory(), "--scratch", f"{SCRATCH}/work"],
-        "env": _env(run),
-        "resources": _resources(run),
+        **container,
+        "env": _environment(run) + container.get("env", []),
         "volumeMounts": mounts,
         "terminationMessagePath": "/dev/termination-log",
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -126,28 +125,60 @@ def build_trainer_pod(body: dict[str, Any], run: TrainingRun, attempt: int, *, i
     if spec.resources.tolerations:
         pod_spec["tolerations"] = [t.model_dump(mode="json", by_alias=True, exclude_none=True)
                                    for t in spec.resources.tolerations]
-    if spec.resources.priority_class_name:
-        pod_spec["priorityClassName"] = spec.resources.priority_class_name
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
-            "name": pod_name(name, attempt),
-            "namespace": namespace,
-            "labels": {
-                "app.kubernetes.io/name": "kontinue-trainer",
-                "app.kubernetes.io/managed-by": "kontinue",
-                RUN_LABEL: run_label(name),
-                ATTEMPT_LABEL: str(attempt),
-            },
+            "name": name,
+            "namespace": run.metadata.namespace or "default",
+            "labels": {"app.kubernetes.io/managed-by": "kontinue", RUN_LABEL: run_label(run.metadata.name), **labels},
             "annotations": {RUN_DIR_ANNOTATION: run.run_directory()},
             "ownerReferences": [{
-                "apiVersion": body["apiVersion"], "kind": body["kind"], "name": name,
+                "apiVersion": body["apiVersion"], "kind": body["kind"], "name": run.metadata.name,
                 "uid": body["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True,
             }],
         },
         "spec": pod_spec,
     }
+
+
+def build_trainer_pod(body: dict[str, Any], run: TrainingRun, attempt: int, *, image: str,
+                      grace_seconds: int = 120) -> dict[str, Any]:
+    """The pod of one attempt: `kontinue train` on the run directory, locked down, owned by the run.
+
+    `body` is the TrainingRun object as the API returned it (for its uid); `run` its parsed form.
+    """
+    container = {
+        "image": run.spec.image or image,
+        "command": ["kontinue", "train"],
+        "args": ["--spec", f"env:{SPEC_ENV}", "--run-dir", run.run_directory(), "--scratch", f"{SCRATCH}/work"],
+        "env": [_spec_variable(run)],
+        "resources": _resources(run),
+    }
+    pod = _locked_down_pod(body, run, pod_name(run.metadata.name, attempt),
+                           {"app.kubernetes.io/name": "kontinue-trainer", ATTEMPT_LABEL: str(attempt)},
+                           container, shared_memory=bool(run.spec.resources.gpus), grace_seconds=grace_seconds)
+    if run.spec.resources.priority_class_name:
+        pod["spec"]["priorityClassName"] = run.spec.resources.priority_class_name
+    return pod
+
+
+def cleanup_pod_name(run_name: str) -> str:
+    return f"{run_name}-cleanup"  # never an attempt's name: those end in a number
+
+
+def build_cleanup_pod(body: dict[str, Any], run: TrainingRun, *, image: str) -> dict[str, Any]:
+    """The pod that deletes a deleted run's directory (spec.deleteRunDirectory): it sees the run's
+    volumes and Secret as its trainer did, so the operator itself needs neither."""
+    container = {
+        "image": run.spec.image or image,
+        "command": ["kontinue", "delete-run-dir"],
+        "args": [run.run_directory()],
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+    }
+    return _locked_down_pod(body, run, cleanup_pod_name(run.metadata.name),
+                            {"app.kubernetes.io/name": "kontinue-cleanup"}, container,
+                            shared_memory=False, grace_seconds=30)
 
 
 def _file_path(uri: str) -> str | None:

@@ -14,7 +14,8 @@ from typing import Any
 
 from kontinue.api.manifests import SpecError, describe, parse_training_run
 from kontinue.operator.pods import build_trainer_pod, pod_name, pod_problems
-from kontinue.operator.verdicts import FAILED, PREEMPTED, RUNNING, SUCCEEDED, Verdict, judge_pod
+from kontinue.operator.verdicts import (FAILED, PREEMPTED, RUNNING, SUCCEEDED, Verdict, judge_gone_pod,
+                                        judge_pod, parse_time, vanished)
 
 PENDING_PHASE, RUNNING_PHASE, PREEMPTED_PHASE = "Pending", "Running", "Preempted"
 SUCCEEDED_PHASE, FAILED_PHASE = "Succeeded", "Failed"
@@ -29,6 +30,7 @@ class Settings:
     image_pull_timeout: float = 300.0
     backoff_base: float = 10.0
     backoff_max: float = 600.0
+    gone_grace_seconds: float = 10.0  # how long a vanished pod's last state may take to arrive
 
 
 @dataclass
@@ -38,12 +40,16 @@ class Plan:
     status: dict[str, Any] = field(default_factory=dict)
     delete: list[str] = field(default_factory=list)
     create: dict[str, Any] | None = None
-    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+    events: list[tuple[str, str, str, int]] = field(default_factory=list)  # (type, reason, message, attempt)
     requeue_after: float | None = None
     verdict: Verdict | None = None
+    attempt: int = 0  # the attempt the events are about
 
     def event(self, kind: str, reason: str, message: str) -> None:
-        self.events.append((kind, reason, message))
+        self.events.append((kind, reason, message, self.attempt))
+
+    def requeue(self, delay: float) -> None:
+        self.requeue_after = delay if self.requeue_after is None else min(self.requeue_after, delay)
 
 
 def timestamp(now: dt.datetime) -> str:
@@ -69,10 +75,12 @@ def _phase_change(plan: Plan, status: dict[str, Any], now: dt.datetime, phase: s
                        conditions=set_conditions(status.get("conditions") or [], now, **conditions))
 
 
-def decide(body: dict[str, Any], pods: list[dict[str, Any]], now: dt.datetime, settings: Settings) -> Plan:
-    """The next step for one TrainingRun given all pods labelled as its own."""
+def decide(body: dict[str, Any], pods: list[dict[str, Any]], now: dt.datetime, settings: Settings,
+           last_seen: dict[str, Any] | None = None) -> Plan:
+    """The next step for one TrainingRun given all pods labelled as its own, and the last state of
+    a pod of its that was just deleted (from the DELETED event), if that is what woke us."""
     status = body.get("status") or {}
-    plan = Plan()
+    plan = Plan(attempt=int(status.get("attempt") or 0))
     try:
         run = parse_training_run(body)
         if unreachable := pod_problems(run):  # paths a trainer pod cannot see fail the same way
@@ -98,13 +106,25 @@ def decide(body: dict[str, Any], pods: list[dict[str, Any]], now: dt.datetime, s
     if current is None:
         return _start_attempt(plan, body, run, status, by_name, now, settings)
     pod = by_name.get(current)
+    if last_seen is not None and last_seen["metadata"].get("name") != current:
+        last_seen = None
     if pod is None:
-        if not status.get("podUID"):  # named in the status, never created: the operator stopped in between
+        if not status.get("podUID") and last_seen is None:
+            # named in the status, never created: the operator stopped in between
             plan.create = build_trainer_pod(body, run, status["attempt"], image=settings.image,
                                             grace_seconds=settings.grace_seconds)
             return plan
-        verdict = Verdict(PREEMPTED, "PodDeleted", f"pod {current} disappeared before it finished "
-                          "(its node is gone, or it was deleted)")
+        verdict = judge_gone_pod(last_seen, now, settings.image_pull_timeout)
+        if verdict is None:
+            # Its last state may still be on its way (the DELETED event); judge after a grace period.
+            gone = status.get("podGoneTime")
+            waited = (now - parse_time(gone)).total_seconds() if gone else 0.0
+            if waited < settings.gone_grace_seconds:
+                if not gone:
+                    plan.status["podGoneTime"] = timestamp(now)
+                plan.requeue(settings.gone_grace_seconds - waited)
+                return plan
+            verdict = vanished(current)
     else:
         if status.get("podUID") != pod["metadata"].get("uid"):
             plan.status["podUID"] = pod["metadata"].get("uid")
@@ -117,22 +137,25 @@ def decide(body: dict[str, Any], pods: list[dict[str, Any]], now: dt.datetime, s
     outcome(plan, run, status, verdict, current, now, settings)
     if pod is not None and verdict.outcome != SUCCEEDED:
         plan.delete.append(current)  # the next attempt starts only once this pod is gone
+    elif pod is None and plan.status.get("phase") not in TERMINAL_PHASES and not plan.status.get("nextAttemptTime"):
+        others = {name: other for name, other in by_name.items() if name != current}
+        _start_attempt(plan, body, run, {**status, **plan.status}, others, now, settings)
     return plan
 
 
 def _start_attempt(plan: Plan, body, run, status, by_name, now, settings) -> Plan:
     retry_at = status.get("nextAttemptTime")
     if retry_at:
-        wait = (dt.datetime.fromisoformat(retry_at.replace("Z", "+00:00")) - now).total_seconds()
+        wait = (parse_time(retry_at) - now).total_seconds()
         if wait > 0:
-            plan.requeue_after = wait
+            plan.requeue(wait)
             return plan
     if by_name:  # never two trainer pods writing one run directory
-        plan.requeue_after = 1.0
+        plan.requeue(1.0)
         return plan
-    attempt = int(status.get("attempt") or 0) + 1
+    attempt = plan.attempt = int(status.get("attempt") or 0) + 1
     name = pod_name(run.metadata.name, attempt)
-    plan.status.update(attempt=attempt, currentPod=name, podUID=None, nextAttemptTime=None)
+    plan.status.update(attempt=attempt, currentPod=name, podUID=None, podGoneTime=None, nextAttemptTime=None)
     if not status.get("startTime"):
         plan.status["startTime"] = timestamp(now)
     resuming = f"resuming from {status['lastCheckpoint']['uri']} (step {status['lastCheckpoint'].get('step')})" \
@@ -153,6 +176,8 @@ def _observe_live_pod(plan: Plan, status, verdict: Verdict, current: str, now) -
     elif verdict.outcome != RUNNING and verdict.reason != status.get("podReason"):
         plan.status["message"] = f"pod {current}: {verdict.reason} {verdict.message}".strip()
     plan.status["podReason"] = verdict.reason
+    if verdict.recheck_after is not None:
+        plan.requeue(max(0.0, verdict.recheck_after))
 
 
 def _succeeded(plan: Plan, run, status, verdict: Verdict, current: str, now, settings) -> None:
@@ -173,9 +198,11 @@ def _succeeded(plan: Plan, run, status, verdict: Verdict, current: str, now, set
 
 def _preempted(plan: Plan, run, status, verdict: Verdict, current: str, now, settings) -> None:
     preemptions = int(status.get("preemptions") or 0) + 1
-    plan.status.update(preemptions=preemptions, currentPod=None, podUID=None, podReason=None,
+    plan.status.update(preemptions=preemptions, currentPod=None, podUID=None, podReason=None, podGoneTime=None,
                        preemptedTime=timestamp(now))
     step = verdict.trainer.get("step")
+    if verdict.trainer.get("checkpoint"):
+        plan.status["lastCheckpoint"] = verdict.trainer["checkpoint"]
     detail = f"pod {current} was preempted ({verdict.reason})" + (f" after step {step}" if step is not None else "")
     if preemptions > run.spec.max_preemptions:
         message = f"{detail}; that is more than spec.maxPreemptions ({run.spec.max_preemptions})"
@@ -192,7 +219,7 @@ def _preempted(plan: Plan, run, status, verdict: Verdict, current: str, now, set
 
 def _failed(plan: Plan, run, status, verdict: Verdict, current: str, now, settings: Settings) -> None:
     failures = int(status.get("failures") or 0) + 1
-    plan.status.update(failures=failures, currentPod=None, podUID=None, podReason=None)
+    plan.status.update(failures=failures, currentPod=None, podUID=None, podReason=None, podGoneTime=None)
     detail = f"pod {current} failed ({verdict.reason}): {verdict.message}"
     if failures > run.spec.backoff_limit:
         message = f"{detail}; gave up after {failures} failures (spec.backoffLimit is {run.spec.backoff_limit})"
@@ -206,4 +233,16 @@ def _failed(plan: Plan, run, status, verdict: Verdict, current: str, now, settin
     plan.status["nextAttemptTime"] = timestamp(now + dt.timedelta(seconds=delay))
     _phase_change(plan, status, now, PENDING_PHASE, message, Running=("False", "BackOff", message))
     plan.event("Warning", "AttemptFailed", message)
-    plan.requeue_after = delay
+    plan.requeue(delay)
+
+
+def reported_status(report: dict[str, Any] | None, status: dict[str, Any]) -> dict[str, Any]:
+    """Status fields from the trainer's newest status line (kontinue.api.reports) that differ."""
+    if not report:
+        return {}
+    update: dict[str, Any] = {key: report[key] for key in ("lastCheckpoint", "bestCheckpoint", "metrics", "warnings")
+                              if report.get(key)}
+    if isinstance(report.get("progress"), (int, float)):
+        ratio = min(1.0, max(0.0, float(report["progress"])))
+        update.update(progress=f"{round(100 * ratio)}%", progressRatio=ratio)
+    return {key: value for key, value in update.items() if status.get(key) != value}

@@ -29,13 +29,14 @@ class Verdict:
     reason: str
     message: str = ""
     trainer: dict[str, Any] = field(default_factory=dict)  # the trainer's termination message
+    recheck_after: float | None = None  # seconds until this verdict may change with no event
 
     @property
     def final(self) -> bool:
         return self.outcome in (SUCCEEDED, PREEMPTED, FAILED)
 
 
-def _parse_time(value: str | None) -> dt.datetime | None:
+def parse_time(value: str | None) -> dt.datetime | None:
     if not value:
         return None
     return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -44,6 +45,12 @@ def _parse_time(value: str | None) -> dt.datetime | None:
 def _container_status(pod: dict[str, Any]) -> dict[str, Any]:
     statuses = pod.get("status", {}).get("containerStatuses") or []
     return next((s for s in statuses if s.get("name") == CONTAINER), statuses[0] if statuses else {})
+
+
+def termination_message(pod: dict[str, Any]) -> str:
+    """What the container left in its termination message (its log's tail, if it crashed)."""
+    terminated = _container_status(pod).get("state", {}).get("terminated") or {}
+    return (terminated.get("message") or "").strip()[-1000:]
 
 
 def _trainer_word(terminated: dict[str, Any]) -> dict[str, Any]:
@@ -85,7 +92,7 @@ def judge_pod(pod: dict[str, Any], now: dt.datetime, image_pull_timeout: float =
                            "or lower env.per_gpu_batch_size", word)
         if code in (137, 143):  # killed by a signal with no disruption recorded: the node, not the code
             return Verdict(PREEMPTED, "KilledBySignal", f"the trainer was killed (exit code {code})", word)
-        detail = (terminated.get("message") or "").strip()[-1000:]
+        detail = termination_message(pod)
         if code == 0:
             return Verdict(FAILED, "NoResult", "the trainer exited 0 without reporting a result", word)
         return Verdict(FAILED, "TrainerError" if code != 2 else "InvalidSpec",
@@ -99,13 +106,36 @@ def judge_pod(pod: dict[str, Any], now: dt.datetime, image_pull_timeout: float =
 
     waiting = state.get("waiting") or {}
     if waiting.get("reason") in IMAGE_PROBLEMS | CONFIG_PROBLEMS:
-        created = _parse_time(pod.get("metadata", {}).get("creationTimestamp")) or now
+        created = parse_time(pod.get("metadata", {}).get("creationTimestamp")) or now
         waited = (now - created).total_seconds()
         if waiting.get("reason") == "InvalidImageName" or waited >= image_pull_timeout:
             reason = "ImagePullFailed" if waiting.get("reason") in IMAGE_PROBLEMS else waiting["reason"]
             return Verdict(FAILED, reason, waiting.get("message") or f"{waiting['reason']} for {waited:.0f}s")
+        return Verdict(PENDING, waiting["reason"], waiting.get("message", ""),
+                       recheck_after=image_pull_timeout - waited)
     if "running" in state:
         return Verdict(RUNNING, "Running")
     if waiting.get("reason"):
         return Verdict(PENDING, waiting["reason"], waiting.get("message", ""))
     return Verdict(PENDING, status.get("phase") or "Pending", status.get("message", ""))
+
+
+def judge_gone_pod(last_seen: dict[str, Any] | None, now: dt.datetime,
+                   image_pull_timeout: float = 300.0) -> Verdict | None:
+    """A pod that no longer exists, by its last state (from its DELETED event); None when that
+    state says nothing final: the pod never reported an end of its own."""
+    if last_seen is None:
+        return None
+    verdict = judge_pod(last_seen, now, image_pull_timeout)
+    if verdict.final:
+        return verdict
+    disruption = _disruption(last_seen)
+    if disruption is not None:
+        return Verdict(PREEMPTED, disruption.get("reason") or "DisruptionTarget", disruption.get("message", ""))
+    return None
+
+
+def vanished(name: str) -> Verdict:
+    """A pod gone with no last word: its node went, or somebody deleted it."""
+    return Verdict(PREEMPTED, "PodDeleted", f"pod {name} disappeared before it finished "
+                   "(its node is gone, or it was deleted)")

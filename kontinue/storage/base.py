@@ -261,6 +261,13 @@ class Store(abc.ABC):
         self._remove(key)
         self._remove(key + SIDECAR)
 
+    def delete_all(self) -> int:
+        """Delete every object under this store's root; returns how many there were."""
+        objects = self.list()
+        for info in objects:
+            self.delete(info.key)
+        return len(objects)
+
     def move(self, src_key: str, dst_key: str) -> None:
         """Rename an object (and its sidecar); ObjectNotFound if ``src_key`` is absent."""
         src, dst = self._key(src_key), self._key(dst_key)

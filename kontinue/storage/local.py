@@ -9,7 +9,8 @@ import shutil
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from .base import CHUNK, ObjectInfo, ObjectNotFound, Store, _Hashed, atomic_file, check_key, is_temp_name
+from .base import (CHUNK, ObjectInfo, ObjectNotFound, StorageError, Store, _Hashed, atomic_file, check_key,
+                   is_temp_name)
 
 
 def _info(key: str, st: os.stat_result) -> ObjectInfo:
@@ -25,6 +26,17 @@ class LocalStore(Store):
 
     def child(self, *parts: str) -> LocalStore:
         return LocalStore(self.root.joinpath(*(check_key(p) for p in parts)))
+
+    def delete_all(self) -> int:
+        """Also removes what listing skips (temporaries of a killed writer) and the directories."""
+        count = len(self.list())
+        try:
+            shutil.rmtree(self.root)
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            raise StorageError(f"{self.uri}: {error}") from error
+        return count
 
     def local_path(self, key: str) -> pathlib.Path:
         """The file backing ``key`` (it may not exist yet)."""

@@ -62,14 +62,14 @@ def _load(path: str) -> TrainingRun | None:
 
 def _train(args: argparse.Namespace) -> int:
     defer_stop_signals()
-    from kontinue.trainer.runner import run_training, write_termination_message
+    from kontinue.trainer.runner import report_to_stdout, run_training, write_termination_message
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
     run = _load(args.spec)
     if run is None:
         return 2
-    outcome = run_training(run, args.run_dir, scratch=args.scratch)
+    outcome = run_training(run, args.run_dir, scratch=args.scratch, report=report_to_stdout)
     write_termination_message(outcome)
     print(json.dumps(outcome.__dict__))
     return outcome.exit_code

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -41,6 +41,7 @@ class RunDirectory:
         self.local = open_store(str(self.path))
         self.remote = remote
         self.status: dict[str, Any] = self._read_json(STATUS) or {}
+        self.report: Callable[[dict[str, Any]], None] | None = None  # called after each status write
 
     @property
     def uri(self) -> str:
@@ -82,6 +83,8 @@ class RunDirectory:
         self.status.update({k: v for k, v in fields.items() if v is not None}, updated=now())
         self.local.write_text(STATUS, json.dumps(self.status, indent=2, default=str))
         self.publish(STATUS)
+        if self.report is not None:
+            self.report(self.status)
 
     def warn(self, message: str) -> None:
         log.warning(message)

@@ -13,9 +13,10 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from kontinue.api.models import TrainingRun
+from kontinue.api.reports import status_line
 from kontinue.storage import LocalStore, open_store
 from kontinue.trainer.callbacks import PREEMPTED_EXIT_CODE, Preempted
 from kontinue.trainer.data import read_table
@@ -34,6 +35,7 @@ class Outcome:
     step: int | None = None
     run_dir: str = ""
     model: str | None = None
+    checkpoint: dict[str, Any] | None = None  # the resume point a preempted attempt left
     dump: str | None = None
     scores: dict[str, float] = field(default_factory=dict)
     test_scores: dict[str, float] = field(default_factory=dict)
@@ -69,11 +71,18 @@ def _continue_from(run: TrainingRun, run_dir_uri: str, scratch: Path) -> Predict
     return Predictor.load(scratch / "continue-from")
 
 
+def report_to_stdout(status: dict[str, Any]) -> None:
+    """The status line the operator reads from the pod's log."""
+    print(status_line(status), flush=True)
+
+
 def run_training(run: TrainingRun, run_dir_uri: str, *, scratch: str | os.PathLike | None = None,
-                 progress_bar: bool = False) -> Outcome:
-    """One attempt at `run`, in `run_dir_uri`; returns how it ended."""
+                 progress_bar: bool = False, report: Callable[[dict[str, Any]], None] | None = None) -> Outcome:
+    """One attempt at `run`, in `run_dir_uri`; returns how it ended. `report` gets status.json
+    after every write."""
     scratch = Path(scratch or tempfile.mkdtemp(prefix="kontinue-"))
     run_dir = open_run_directory(run_dir_uri, scratch / "run")
+    run_dir.report = report
     spec = run.spec
     if run_dir.status.get("phase") == "Succeeded" and not run_dir.has_resume_point():
         log.info("run %s already succeeded; nothing to do", run_dir.uri)
@@ -105,5 +114,6 @@ def _outcome(run_dir: RunDirectory, result: str, **fields: Any) -> Outcome:
     status = run_dir.status
     return Outcome(result=result, run_dir=run_dir.uri, step=fields.pop("step", status.get("step")),
                    model=f"{run_dir.uri.rstrip('/')}/{BEST}" if result == "succeeded" else None,
+                   checkpoint=status.get("lastCheckpoint") if result == "preempted" else None,
                    scores=status.get("metrics") or {}, dump=fields.pop("dump", status.get("dumpedModel")),
                    **fields)
