@@ -11,7 +11,7 @@ import pytest
 
 from kontinue.api.manifests import parse_training_run
 from kontinue.operator.pods import ATTEMPT_LABEL, RUN_LABEL, build_cleanup_pod, build_trainer_pod, pod_problems
-from kontinue.operator.reconcile import Settings, decide
+from kontinue.operator.reconcile import Settings, decide, refused_pod
 from kontinue.operator.verdicts import FAILED, PENDING, PREEMPTED, RUNNING, SUCCEEDED, judge_pod
 
 NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.timezone.utc)
@@ -171,6 +171,11 @@ DISRUPTED = {"type": "DisruptionTarget", "status": "True", "reason": "Preemption
              "message": "preempted by a higher priority pod"}
 
 
+UNSCHEDULED_POD = {"metadata": {"name": "sst-1", "uid": "pod-sst-1"}, "status": {"phase": "Pending", "conditions": [
+    {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+     "message": "0/8 nodes are available: 8 Insufficient nvidia.com/gpu."}]}}
+
+
 @pytest.mark.parametrize("pod, outcome, reason", [
     (pod_state(), RUNNING, "Running"),
     (pod_state(phase="Pending", waiting={"reason": "ContainerCreating"}), PENDING, "ContainerCreating"),
@@ -191,6 +196,7 @@ DISRUPTED = {"type": "DisruptionTarget", "status": "True", "reason": "Preemption
      FAILED, "ImagePullFailed"),
     (pod_state(phase="Pending", waiting={"reason": "InvalidImageName"}), FAILED, "ImagePullFailed"),
     (pod_state(conditions=[DISRUPTED], deleting=True), RUNNING, "Terminating"),
+    (UNSCHEDULED_POD, PENDING, "Unschedulable"),
 ])
 def test_verdicts(pod, outcome, reason):
     verdict = judge_pod(pod, NOW, image_pull_timeout=300)
@@ -307,6 +313,30 @@ def test_a_deleted_pod_is_judged_by_its_last_state_and_the_next_attempt_resumes_
     # the last state of a pod that is not the current one tells nothing
     other = decide(body, [], NOW, SETTINGS, last_seen=pod_state(name="sst-0", terminated=exited(0)))
     assert other.status["podGoneTime"] == "2026-11-22T12:00:00Z" and other.create is None
+
+
+def test_a_pod_waiting_for_a_node_says_why_in_the_status():
+    body = run_body()
+    body["status"] = {"attempt": 1, "currentPod": "sst-1", "podUID": "pod-sst-1", "phase": "Pending"}
+    plan = decide(body, [UNSCHEDULED_POD], NOW, SETTINGS)
+    assert plan.status["message"] == "pod sst-1: Unschedulable 0/8 nodes are available: 8 Insufficient nvidia.com/gpu."
+    running = next(c for c in plan.status["conditions"] if c["type"] == "Running")
+    assert (running["status"], running["reason"]) == ("False", "Unschedulable") and not plan.events
+    body = apply(body, plan)
+    again = decide(body, [UNSCHEDULED_POD], NOW, SETTINGS).status
+    assert all(body["status"].get(key) == value for key, value in again.items()), "said once"
+
+
+def test_a_refused_pod_is_reported_and_tried_again_without_counting_as_a_failure():
+    body = apply(run_body(), decide(run_body(), [], NOW, SETTINGS))
+    plan = refused_pod(body, "sst-1", 'pods "sst-1" is forbidden: exceeded quota: gpus', NOW, SETTINGS)
+    assert plan.status["message"].startswith('the API server refused pod sst-1: pods "sst-1" is forbidden')
+    assert plan.requeue_after == SETTINGS.backoff_base and [e[1] for e in plan.events] == ["PodCreateFailed"]
+    assert "failures" not in plan.status and plan.status["phase"] == "Pending"
+    body = apply(body, plan)
+    assert not refused_pod(body, "sst-1", 'pods "sst-1" is forbidden: exceeded quota: gpus', NOW, SETTINGS).status
+    again = decide(body, [], NOW, SETTINGS)
+    assert again.create["metadata"]["name"] == "sst-1", "the same attempt's pod, once the quota allows"
 
 
 def test_a_pending_image_pull_is_looked_at_again_when_its_time_out_is_due():

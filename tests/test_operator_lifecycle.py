@@ -225,16 +225,18 @@ def wait_until_serving(operator_process) -> None:
 
 
 class RefusePods:
-    """Makes the emulated API server answer pod creation with 503 while on."""
+    """Makes the emulated API server refuse pod creation while on: by default with a 503, as an
+    admission webhook that times out; or as a ResourceQuota does."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, code: int = 503, reason: str = "ServiceUnavailable",
+                 message: str = "admission webhook timed out"):
         self.active, self.refused = False, 0
         original = ApiServer._create
 
         async def create(server, request):
             if self.active and request.resource == PODS:
                 self.refused += 1
-                raise kmock.KubernetesError(503, "ServiceUnavailable", "admission webhook timed out")
+                raise kmock.KubernetesError(code, reason, message)
             return await original(server, request)
         monkeypatch.setattr(ApiServer, "_create", create)
 
@@ -243,6 +245,26 @@ class RefusePods:
 
     def off(self) -> None:
         self.active = False
+
+
+def test_a_pod_the_api_server_refuses_is_reported_and_created_once_it_may_be(
+        kube, kubelet, operator_process, manifest_in, monkeypatch):
+    quota = 'pods "quota-1" is forbidden: exceeded quota: gpus, requested: nvidia.com/gpu=1, limited: nvidia.com/gpu=0'
+    refusing = RefusePods(monkeypatch, 403, "Forbidden", quota)
+    refusing.on()
+    operator_process.start(*OPERATOR_ARGS)
+    kubelet.override_command("quota", SLEEPER)
+    manifest, _ = manifest_in("quota")
+    kube.create(manifest)
+    kube.wait_for(lambda: refusing.refused >= 2, 30, "the operator to try the pod again")
+    status = run_status(kube, "quota")
+    assert quota in status["message"] and status["phase"] == "Pending", status
+    assert conditions_of(status)["Running"]["reason"] == "PodCreateFailed"
+    assert transition_reasons(kube, "quota") == ["AttemptStarted", "PodCreateFailed"], "one Warning, not one per try"
+    refusing.off()
+    kube.wait_for(lambda: run_status(kube, "quota").get("phase") == "Running", 60, "the pod once the quota allows")
+    status = run_status(kube, "quota")
+    assert (status["attempt"], status.get("failures", 0), status.get("preemptions", 0)) == (1, 0, 0), status
 
 
 # -- invalid specs, deletion, probes and metrics ---------------------------------------------------

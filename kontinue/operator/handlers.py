@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -20,7 +21,8 @@ from kontinue.api.manifests import SpecError, parse_training_run
 from kontinue.api.reports import last_status
 from kontinue.operator import metrics
 from kontinue.operator.pods import ATTEMPT_LABEL, CONTAINER, RUN_LABEL, build_cleanup_pod, cleanup_pod_name, run_label
-from kontinue.operator.reconcile import RUNNING_PHASE, Plan, Settings, decide, reported_status, timestamp
+from kontinue.operator.reconcile import (RUNNING_PHASE, Plan, Settings, decide, refused_pod, reported_status,
+                                         timestamp)
 from kontinue.operator.verdicts import RUNNING, termination_message
 
 GROUP, VERSION, PLURAL = "kontinue.dev", "v1alpha1", "trainingruns"
@@ -117,7 +119,15 @@ def _patch_status(run: dict[str, Any], status: dict[str, Any]) -> None:
         GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], {"status": status})
 
 
-def _apply(run: dict[str, Any], plan: Plan, now: dt.datetime) -> None:
+def _api_message(error: ApiException) -> str:
+    try:
+        return json.loads(error.body or "").get("message") or error.reason
+    except (ValueError, AttributeError):
+        return str(error.reason)
+
+
+def _apply(run: dict[str, Any], plan: Plan, now: dt.datetime) -> str | None:
+    """Writes the plan; returns the API server's message if it refused the pod to create."""
     meta = run["metadata"]
     # Events first: a transition whose status write is lost (a crash, an API error further down)
     # is decided again by the next reconcile and posts the same event name, which is then a no-op;
@@ -130,11 +140,18 @@ def _apply(run: dict[str, Any], plan: Plan, now: dt.datetime) -> None:
         _patch_status(run, changed)
     for name in plan.delete:
         _ignore(404, RUNTIME.core.delete_namespaced_pod, name, meta["namespace"])
-    if plan.create is not None:
-        _ignore(409, RUNTIME.core.create_namespaced_pod, meta["namespace"], plan.create)
-        metrics.pod_created({**(run.get("status") or {}), **plan.status}, now)
     if plan.verdict is not None and plan.verdict.final:
         metrics.verdict(plan.verdict)
+    if plan.create is not None:
+        try:
+            RUNTIME.core.create_namespaced_pod(meta["namespace"], plan.create)
+        except ApiException as error:
+            if 400 <= error.status < 500 and error.status != 409:  # 409: created by an unfinished reconcile
+                return _api_message(error)  # a quota or an admission policy: no use retrying at once
+            if error.status != 409:
+                raise
+        metrics.pod_created({**current, **plan.status}, now)
+    return None
 
 
 def reconcile(namespace: str, name: str, *, refresh: bool = False,
@@ -152,7 +169,11 @@ def reconcile(namespace: str, name: str, *, refresh: bool = False,
         plan = decide(run, _pods_of(run), now, RUNTIME.settings, last_seen)
         if refresh and plan.verdict is not None and plan.verdict.outcome == RUNNING:
             plan.status.update(reported_status(_trainer_report(run), run.get("status") or {}))
-        _apply(run, plan, now)
+        refusal = _apply(run, plan, now)
+        if refusal is not None:
+            run = {**run, "status": {**(run.get("status") or {}), **plan.status}}
+            plan = refused_pod(run, plan.create["metadata"]["name"], refusal, now, RUNTIME.settings)
+            _apply(run, plan, now)
         metrics.phase(namespace, name, plan.status.get("phase") or (run.get("status") or {}).get("phase"))
         if plan.requeue_after is not None:
             _reconcile_later(namespace, name, plan.requeue_after)

@@ -14,7 +14,7 @@ from typing import Any
 
 from kontinue.api.manifests import SpecError, describe, parse_training_run
 from kontinue.operator.pods import build_trainer_pod, pod_name, pod_problems
-from kontinue.operator.verdicts import (FAILED, PREEMPTED, RUNNING, SUCCEEDED, Verdict, judge_gone_pod,
+from kontinue.operator.verdicts import (FAILED, PENDING, PREEMPTED, RUNNING, SUCCEEDED, Verdict, judge_gone_pod,
                                         judge_pod, parse_time, vanished)
 
 PENDING_PHASE, RUNNING_PHASE, PREEMPTED_PHASE = "Pending", "Running", "Preempted"
@@ -167,6 +167,19 @@ def _start_attempt(plan: Plan, body, run, status, by_name, now, settings) -> Pla
     return plan
 
 
+def refused_pod(body: dict[str, Any], name: str, message: str, now: dt.datetime, settings: Settings) -> Plan:
+    """The API server refused the attempt's pod (a quota, an admission policy): say so, try again
+    later. It is neither a failure of the code nor a preemption, so it counts as neither."""
+    status = body.get("status") or {}
+    plan = Plan(attempt=int(status.get("attempt") or 0))
+    text = f"the API server refused pod {name}: {message}; retrying every {settings.backoff_base:.0f}s"
+    if status.get("message") != text:
+        _phase_change(plan, status, now, PENDING_PHASE, text, Running=("False", "PodCreateFailed", text))
+        plan.event("Warning", "PodCreateFailed", text)
+    plan.requeue(settings.backoff_base)
+    return plan
+
+
 def _observe_live_pod(plan: Plan, status, verdict: Verdict, current: str, now) -> None:
     if verdict.outcome == RUNNING and status.get("phase") != RUNNING_PHASE:
         message = f"attempt {status.get('attempt')}: pod {current} is running"
@@ -174,7 +187,11 @@ def _observe_live_pod(plan: Plan, status, verdict: Verdict, current: str, now) -
                       Preempted=("False", "PodRunning", message))
         plan.event("Normal", "Running", message)
     elif verdict.outcome != RUNNING and verdict.reason != status.get("podReason"):
-        plan.status["message"] = f"pod {current}: {verdict.reason} {verdict.message}".strip()
+        message = f"pod {current}: {verdict.reason} {verdict.message}".strip()
+        plan.status["message"] = message
+        if verdict.outcome == PENDING:  # Unschedulable, ImagePullBackOff...: what `kubectl describe` shows
+            plan.status["conditions"] = set_conditions(status.get("conditions") or [], now,
+                                                       Running=("False", verdict.reason, message))
     plan.status["podReason"] = verdict.reason
     if verdict.recheck_after is not None:
         plan.requeue(max(0.0, verdict.recheck_after))

@@ -117,6 +117,10 @@ def judge_pod(pod: dict[str, Any], now: dt.datetime, image_pull_timeout: float =
         return Verdict(RUNNING, "Running")
     if waiting.get("reason"):
         return Verdict(PENDING, waiting["reason"], waiting.get("message", ""))
+    unscheduled = next((c for c in status.get("conditions") or []
+                        if c.get("type") == "PodScheduled" and c.get("status") == "False"), None)
+    if unscheduled is not None:  # e.g. "0/8 nodes are available: 8 Insufficient nvidia.com/gpu."
+        return Verdict(PENDING, unscheduled.get("reason") or "Unschedulable", unscheduled.get("message", ""))
     return Verdict(PENDING, status.get("phase") or "Pending", status.get("message", ""))
 
 
