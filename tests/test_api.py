@@ -81,7 +81,8 @@ def test_status_from_the_cluster_and_from_the_operator():
 
 
 # (edits, field path pydantic names, whether the CRD's openAPIV3Schema refuses it too; False means
-# a CEL rule does, which the test checks is present at that field with the same message)
+# a CEL rule does, which the test checks is present at that field with the same message). Each case
+# breaks exactly one thing: tests/test_cel_rules.py evaluates the CEL rules on them too.
 TRAINING_CASES = {
     "bad enum": ([(("spec", "task", "problemType"), "binaryy")], "spec.task.problemType", True),
     "negative interval": ([(("spec", "checkpoint", "intervalSteps"), -5)], "spec.checkpoint.intervalSteps", True),
@@ -103,10 +104,12 @@ TRAINING_CASES = {
     "wrong apiVersion": ([(("apiVersion",), "kontinue.dev/v1")], "apiVersion", None),
     "no name": ([(("metadata", "name"), DELETE)], "metadata.name", None),
     "s3 without secretRef": ([(("spec", "checkpoint", "secretRef"), DELETE)], "spec.checkpoint", False),
-    "continueFrom with both": ([(("spec", "continueFrom"), {"trainingRun": "a", "modelUri": "s3://models/a"})],
+    "continueFrom with both": ([(("spec", "model"), DELETE),
+                                (("spec", "continueFrom"), {"trainingRun": "a", "modelUri": "s3://models/a"})],
                                "spec.continueFrom", False),
     "no backbone": ([(("spec", "model"), {})], "spec.model", False),
     "model and continueFrom": ([(("spec", "continueFrom"), {"trainingRun": "a"})], "spec", False),
+    "neither model nor continueFrom": ([(("spec", "model"), DELETE)], "spec", False),
     "no label": ([(("spec", "task", "label"), DELETE)], "spec.task", False),
 }
 
@@ -135,6 +138,10 @@ TRANSFER_CASES = {
     "source with neither": ([(("spec", "source"), {})], "spec.source", False),
     "bad backbone": ([(("spec", "backbones"), ["bert_text"])], "spec.backbones[0]", True),
     "empty label": ([(("spec", "task", "label"), "")], "spec.task.label", True),
+    "no label": ([(("spec", "task", "label"), DELETE)], "spec.task", False),
+    "no backbone": ([(("spec", "model"), {})], "spec.model", False),
+    "s3 without secretRef": ([(("spec", "checkpoint", "storage"), "s3://checkpoints/kontinue")],
+                             "spec.checkpoint", False),
 }
 
 
