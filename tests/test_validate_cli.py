@@ -34,6 +34,12 @@ def test_good_files_pass(capsys):
     assert f"{GOOD[1]}:1: TransferRun/sts-from-sst: valid" in out
 
 
+def test_examples_are_valid(capsys):
+    examples = sorted(str(path) for path in (ROOT / "examples").glob("*.yaml"))
+    assert main(["validate", *examples]) == 0, capsys.readouterr().out
+    assert capsys.readouterr().out.count(": valid") == len(examples) >= 2
+
+
 def test_bad_file_names_every_field(capsys):
     assert main(["validate", GOOD[1], BAD]) == 1
     lines = capsys.readouterr().out.splitlines()

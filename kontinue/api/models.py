@@ -340,11 +340,12 @@ class _RunSpec(_Model):
             implied["model.hf_text.max_text_len"] = ("spec.model.hfText.maxTextLen", self.model.hf_text.max_text_len)
         return implied
 
-    def effective_hyperparameters(self) -> dict[str, Any]:
+    def effective_hyperparameters(self, **context: Any) -> dict[str, Any]:
         """The user's hyperparameters plus those implied by other fields (validation has ruled out
         disagreements); `validate_hyperparameters` merges the result over the defaults.
-        Checkpoint URIs (s3://...) are left for the trainer to fetch."""
-        implied = {key: value for key, (_, value) in self.implied_hyperparameters().items()}
+        Checkpoint URIs (s3://...) are left for the trainer to fetch. `context` is what
+        `implied_hyperparameters` needs beyond the spec (a TransferRun's source dumps)."""
+        implied = {key: value for key, (_, value) in self.implied_hyperparameters(**context).items()}
         return {**implied, **self.hyperparameters}
 
     def time_limit_seconds(self) -> int | None:
@@ -353,6 +354,11 @@ class _RunSpec(_Model):
             return None
         hours, minutes, seconds = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", self.time_limit).groups()
         return int(hours or 0) * 3600 + int(minutes or 0) * 60 + int(seconds or 0)
+
+
+def _with_fusion(names: list[str]) -> list[str]:
+    """model.names for these backbones: several are fused by an MLP head, as in AutoMM."""
+    return names + ["fusion_mlp"] * (len(names) > 1)
 
 
 def _agree(key: str, given: Any, implied: Any) -> bool:
@@ -375,7 +381,7 @@ class TrainingRunSpec(_RunSpec):
         implied = super().implied_hyperparameters()
         if self.model:
             names = self.model.backbones()
-            implied["model.names"] = ("spec.model", names + ["fusion_mlp"] * (len(names) > 1))
+            implied["model.names"] = ("spec.model", _with_fusion(names))
         return implied
 
 
@@ -386,6 +392,18 @@ class TransferRunSpec(_RunSpec):
         None, min_length=1, description="Backbones taken from the source; all it has when unset.")
     model: ModelSpec | None = Field(None, description=(
         "Backbones to add; one given here replaces the source's backbone of the same kind."))
+
+    def implied_hyperparameters(self, source_dumps: dict[str, str] | None = None) -> dict[str, tuple[str, Any]]:
+        """As for a TrainingRun, plus the source's backbones taken, once the trainer has them on disk
+        (`source_dumps`: backbone -> local dump directory); validation knows spec.model only."""
+        if source_dumps is None:
+            return super().implied_hyperparameters()
+        implied = {f"model.{name}.checkpoint_name": ("spec.source", path) for name, path in source_dumps.items()}
+        implied.update(super().implied_hyperparameters())  # spec.model replaces the source's backbone
+        added = self.model.backbones() if self.model else []
+        names = [name for name in BACKBONES if name in source_dumps or name in added]
+        implied["model.names"] = ("spec.source", _with_fusion(names))
+        return implied
 
 
 # -------------------------------------------------------------------------------------- status

@@ -9,27 +9,33 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from kontinue.api.manifests import Problem, SpecError, load_manifest, parse_resource
-from kontinue.api.models import TrainingRun
+from kontinue.api.models import TrainingRun, TransferRun
 from kontinue.trainer.signals import defer_stop_signals
+
+if TYPE_CHECKING:  # the runner imports torch: only once a run starts
+    from kontinue.trainer.runner import Outcome
 
 DEFAULT_STORE = ".kontinue"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    train = subparsers.add_parser("train", help="run one attempt of a TrainingRun (trainer pods run this)")
-    train.add_argument("--spec", required=True,
-                       help="TrainingRun manifest (YAML or JSON), or env:NAME to read it from a variable")
+    train = subparsers.add_parser("train", help="run one attempt of a TrainingRun or TransferRun "
+                                  "(trainer pods run this)")
+    train.add_argument("--spec", required=True, help="TrainingRun or TransferRun manifest (YAML or JSON), "
+                       "or env:NAME to read it from a variable")
     train.add_argument("--run-dir", required=True, help="run directory URI (s3://..., file://... or a path)")
     train.add_argument("--scratch", default=os.environ.get("KONTINUE_SCRATCH"),
                        help="local working directory (default: a temporary directory)")
     train.set_defaults(func=_train)
 
-    run = subparsers.add_parser("run", help="train a TrainingRun manifest on this machine; rerun to resume")
-    run.add_argument("manifest", help="TrainingRun manifest")
+    run = subparsers.add_parser("run", help="train a TrainingRun or TransferRun manifest on this machine; "
+                                "rerun to resume")
+    run.add_argument("manifest", help="TrainingRun or TransferRun manifest")
     run.add_argument("--store", default=DEFAULT_STORE,
                      help=f"where run directories live (default: ./{DEFAULT_STORE}/)")
     run.set_defaults(func=_run)
@@ -41,7 +47,7 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*(LeafSpec|treespec).*")
 
 
-def _load(path: str) -> TrainingRun | None:
+def _load(path: str) -> TrainingRun | TransferRun | None:
     """A manifest file, or `env:NAME` for one passed in an environment variable (as pods get it)."""
     try:
         if path.startswith("env:"):
@@ -54,22 +60,33 @@ def _load(path: str) -> TrainingRun | None:
     except SpecError as error:
         print(f"{path}: {error}", file=sys.stderr)
         return None
-    if not isinstance(run, TrainingRun):
-        print(f"{path}: expected a TrainingRun, got {run.kind}", file=sys.stderr)
-        return None
     return run
+
+
+def _attempt(path: str, run: TrainingRun | TransferRun, run_dir: str, **options: Any) -> Outcome | None:
+    """run_training; a spec the run's inputs refute (a TransferRun's source lacks spec.backbones) is
+    reported like an invalid manifest."""
+    from kontinue.trainer.runner import run_training
+
+    try:
+        return run_training(run, run_dir, **options)
+    except SpecError as error:
+        print(f"{path}: {error}", file=sys.stderr)
+        return None
 
 
 def _train(args: argparse.Namespace) -> int:
     defer_stop_signals()
-    from kontinue.trainer.runner import report_to_stdout, run_training, write_termination_message
+    from kontinue.trainer.runner import report_to_stdout, write_termination_message
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
     run = _load(args.spec)
     if run is None:
         return 2
-    outcome = run_training(run, args.run_dir, scratch=args.scratch, report=report_to_stdout)
+    outcome = _attempt(args.spec, run, args.run_dir, scratch=args.scratch, report=report_to_stdout)
+    if outcome is None:
+        return 2
     write_termination_message(outcome)
     print(json.dumps(outcome.__dict__))
     return outcome.exit_code
@@ -77,8 +94,6 @@ def _train(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     defer_stop_signals()
-    from kontinue.trainer.runner import run_training
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("kontinue").setLevel(logging.INFO)
     _quiet_libraries()
@@ -87,7 +102,9 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     namespace = run.metadata.namespace or "default"
     run_dir = f"{args.store.rstrip('/')}/{namespace}/{run.metadata.name}"
-    outcome = run_training(run, run_dir, progress_bar=True)
+    outcome = _attempt(args.manifest, run, run_dir, progress_bar=True)
+    if outcome is None:
+        return 2
     if outcome.result == "preempted":
         print(f"\nStopped at step {outcome.step}; the state is saved in {outcome.run_dir}.\n"
               f"Run the same command again to resume.")

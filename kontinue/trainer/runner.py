@@ -1,5 +1,5 @@
-"""Runs a TrainingRun spec to completion in one process: what `kontinue train` (in a pod) and
-`kontinue run` (on a workstation) share.
+"""Runs a TrainingRun or TransferRun spec to completion in one process: what `kontinue train`
+(in a pod) and `kontinue run` (on a workstation) share.
 
 Each call is one attempt: it resumes from the newest valid checkpoint in the run directory,
 and either finishes the run or stops at a safe resume point when asked to (exit code 75).
@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kontinue.api.models import TrainingRun
+from kontinue.api.manifests import Problem, SpecError
+from kontinue.api.models import BACKBONES, ModelSource, TrainingRun, TrainingRunSpec, TransferRun, TransferRunSpec
 from kontinue.api.reports import status_line
-from kontinue.storage import LocalStore, open_store
+from kontinue.storage import LocalStore, Store, open_store
 from kontinue.trainer.callbacks import PREEMPTED_EXIT_CODE, Preempted
 from kontinue.trainer.data import read_table
 from kontinue.trainer.predictor import Predictor
-from kontinue.trainer.rundir import BEST, RunDirectory, open_run_directory
+from kontinue.trainer.rundir import BEST, METADATA, STATUS, RunDirectory, open_run_directory
 
 log = logging.getLogger("kontinue.trainer")
 TERMINATION_LOG = "/dev/termination-log"
@@ -55,20 +56,59 @@ def write_termination_message(outcome: Outcome, path: str | None = None) -> None
             log.debug("no termination message written: %s", error)
 
 
-def _continue_from(run: TrainingRun, run_dir_uri: str, scratch: Path) -> Predictor | None:
-    """Use case 1: the predictor continueFrom names, brought onto this machine.
+def _source_uri(source: ModelSource, run_dir_uri: str) -> str:
+    """An earlier TrainingRun of the same namespace lives beside this run's directory."""
+    return source.model_uri or f"{run_dir_uri.rstrip('/').rpartition('/')[0]}/{source.training_run}"
 
-    An earlier TrainingRun of the same namespace lives beside this run's directory.
-    """
-    source = run.spec.continue_from
-    if source is None:
-        return None
-    uri = source.model_uri or f"{run_dir_uri.rstrip('/').rpartition('/')[0]}/{source.training_run}"
-    store = open_store(uri)
+
+def _on_this_machine(store: Store, local_dir: Path, prefix: str = "") -> Path:
+    """`prefix/` of `store` as a local directory: in place when it is local, else synced into `local_dir`."""
     if isinstance(store, LocalStore):
-        return Predictor.load(store.root)
-    store.sync_down(scratch / "continue-from")
-    return Predictor.load(scratch / "continue-from")
+        return store.root / prefix
+    store.sync_down(local_dir, prefix)
+    return local_dir
+
+
+def _continue_from(source: ModelSource, run_dir_uri: str, scratch: Path) -> Predictor:
+    """Use case 1: the predictor continueFrom names, brought onto this machine."""
+    return Predictor.load(_on_this_machine(open_store(_source_uri(source, run_dir_uri)), scratch / "continue-from"))
+
+
+def _source_dumps(spec: TransferRunSpec, run_dir_uri: str, scratch: Path) -> tuple[str, dict[str, str]]:
+    """Use case 3: the dump of each source backbone taken, on this machine (backbone -> directory),
+    and the dump's URI. A source that was not dumped is loaded and dumped into scratch."""
+    store = open_store(_source_uri(spec.source, run_dir_uri))
+    if not store.exists(METADATA):
+        raise SpecError([Problem("spec.source", f"{store.uri} holds no kontinue predictor ({METADATA} missing)")])
+    names = json.loads(store.read_text(METADATA))["hyperparameters"]["model.names"]
+    available = [name for name in names if name in BACKBONES]
+    missing = [name for name in spec.backbones or () if name not in available]
+    if missing:
+        raise SpecError([Problem("spec.backbones", f"the source {store.uri} has no {', '.join(missing)} "
+                                 f"backbone; it has {', '.join(available)}")])
+    replaced = spec.model.backbones() if spec.model else []
+    taken = [name for name in spec.backbones or available if name not in replaced]
+    status = json.loads(store.read_text(STATUS)) if store.exists(STATUS) else {}
+    if status.get("dumpedModel"):
+        dumps = {name: _on_this_machine(store, scratch / "source-dump" / name, f"dump/{name}") for name in taken}
+        return store.child("dump").uri, {name: str(path) for name, path in dumps.items()}
+    source = Predictor.load(_on_this_machine(store, scratch / "source"))
+    dump = Path(source.dump_model(scratch / "source-dump"))
+    return dump.as_uri(), {name: str(dump / name) for name in taken}
+
+
+def _new_predictor(spec: TrainingRunSpec | TransferRunSpec, run_dir: RunDirectory, run_dir_uri: str,
+                   scratch: Path) -> Predictor:
+    """What a run's first attempt trains: a TrainingRun's new model or continueFrom predictor, or a
+    new model on a TransferRun's source backbones."""
+    if isinstance(spec, TrainingRunSpec) and spec.continue_from:
+        return _continue_from(spec.continue_from, run_dir_uri, scratch)
+    context = {}
+    if isinstance(spec, TransferRunSpec):
+        dump_uri, context["source_dumps"] = _source_dumps(spec, run_dir_uri, scratch)
+        run_dir.update_status(sourceDumpUri=dump_uri)
+    return Predictor(label=spec.task.label, problem_type=spec.task.problem_type, eval_metric=spec.task.eval_metric,
+                     hyperparameters=spec.effective_hyperparameters(**context))
 
 
 def report_to_stdout(status: dict[str, Any]) -> None:
@@ -76,7 +116,12 @@ def report_to_stdout(status: dict[str, Any]) -> None:
     print(status_line(status), flush=True)
 
 
-def run_training(run: TrainingRun, run_dir_uri: str, *, scratch: str | os.PathLike | None = None,
+def _continues(spec: TrainingRunSpec | TransferRunSpec) -> bool:
+    """A continueFrom predictor keeps its own hyperparameters unless the spec overrides them."""
+    return isinstance(spec, TrainingRunSpec) and spec.continue_from is not None
+
+
+def run_training(run: TrainingRun | TransferRun, run_dir_uri: str, *, scratch: str | os.PathLike | None = None,
                  progress_bar: bool = False, report: Callable[[dict[str, Any]], None] | None = None) -> Outcome:
     """One attempt at `run`, in `run_dir_uri`; returns how it ended. `report` gets status.json
     after every write."""
@@ -93,14 +138,12 @@ def run_training(run: TrainingRun, run_dir_uri: str, *, scratch: str | os.PathLi
         predictor = Predictor.load(run_dir.path, resume=True, run_dir=run_dir)
         predictor.enable_progress_bar = progress_bar
     else:
-        predictor = _continue_from(run, run_dir_uri, scratch) or Predictor(
-            label=spec.task.label, problem_type=spec.task.problem_type, eval_metric=spec.task.eval_metric,
-            hyperparameters=spec.effective_hyperparameters())
+        predictor = _new_predictor(spec, run_dir, run_dir_uri, scratch)
         predictor.enable_progress_bar = progress_bar
         predictor.use_run_directory(run_dir)
     try:
         predictor.fit(train, validation, time_limit=spec.time_limit_seconds(), seed=spec.seed,
-                      hyperparameters=spec.effective_hyperparameters() if spec.continue_from else None)
+                      hyperparameters=spec.effective_hyperparameters() if _continues(spec) else None)
     except Preempted as stop:
         log.warning("stopped at step %d; the next attempt resumes there", stop.step)
         return _outcome(run_dir, "preempted", step=stop.step)
