@@ -11,7 +11,7 @@ import pytest
 
 from kontinue.api.manifests import parse_training_run
 from kontinue.operator.pods import ATTEMPT_LABEL, RUN_LABEL, build_cleanup_pod, build_trainer_pod, pod_problems
-from kontinue.operator.reconcile import Settings, decide, refused_pod
+from kontinue.operator.reconcile import Peers, Settings, decide, refused_pod
 from kontinue.operator.verdicts import FAILED, PENDING, PREEMPTED, RUNNING, SUCCEEDED, judge_pod
 
 NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.timezone.utc)
@@ -379,3 +379,42 @@ def test_success_records_the_trainer_result():
     assert plan.status["metrics"] == {"accuracy": 0.8, "test_accuracy": 0.79}
     assert plan.status["dumpedModelUri"].endswith("/dump") and plan.status["lastCheckpoint"] is None
     assert {c["type"]: c["status"] for c in plan.status["conditions"]}["Succeeded"] == "True"
+
+
+# -- TransferRuns and the runs they depend on --------------------------------------------------------
+
+def transfer_body(**spec) -> dict:
+    body = run_body(**spec)
+    body["kind"], body["metadata"]["name"] = "TransferRun", "sst-lengths"
+    del body["spec"]["model"]
+    body["spec"]["source"] = {"trainingRun": "sst"}
+    return body
+
+
+def test_a_transfer_run_waits_for_its_source_then_starts_like_a_training_run():
+    body = transfer_body()
+    for phase in (None, "Running"):
+        plan = decide(body, [], NOW, SETTINGS, peers=Peers(source_phase=phase))
+        assert plan.create is None and plan.requeue_after == 30 and plan.status["phase"] == "Pending"
+        assert plan.status["message"] == f"waiting for TrainingRun sst to succeed (it is {phase or 'not there yet'})"
+        assert next(c for c in plan.status["conditions"] if c["type"] == "Running")["reason"] == "WaitingForSource"
+    plan = decide(apply(body, plan), [], NOW, SETTINGS, peers=Peers(source_phase="Succeeded"))
+    assert plan.create["metadata"]["name"] == "sst-lengths-1" and plan.status["attempt"] == 1
+    spec = json.loads(next(e["value"] for e in plan.create["spec"]["containers"][0]["env"] if e["name"] == "KONTINUE_SPEC"))
+    assert spec["kind"] == "TransferRun" and plan.create["metadata"]["ownerReferences"][0]["kind"] == "TransferRun"
+
+
+def test_a_transfer_run_whose_source_failed_fails():
+    plan = decide(transfer_body(), [], NOW, SETTINGS, peers=Peers(source_phase="Failed"))
+    assert plan.status["phase"] == "Failed" and plan.create is None
+    assert [e[1] for e in plan.events] == ["SourceFailed"]
+
+
+def test_runs_of_both_kinds_with_one_name_would_share_a_directory_and_are_refused():
+    plan = decide(run_body(), [], NOW, SETTINGS, peers=Peers(namesake="TransferRun"))
+    assert plan.status["phase"] == "Failed" and plan.create is None
+    assert "metadata.name: a TransferRun named sst exists in this namespace" in plan.status["message"]
+    started = run_body()
+    started["status"] = {"attempt": 1, "currentPod": "sst-1", "podUID": "pod-sst-1", "phase": "Running"}
+    assert decide(started, [pod_state()], NOW, SETTINGS).status.get("phase") is None, \
+        "a run that started keeps its directory: only the newcomer is refused"

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 STATUS_LINE = "kontinue-status: "
-REPORTED = ("progress", "step", "epoch", "lastCheckpoint", "bestCheckpoint", "metrics")
+REPORTED = ("progress", "step", "epoch", "lastCheckpoint", "bestCheckpoint", "metrics", "sourceDumpUri")
 MAX_WARNINGS = 10
 
 

@@ -1,4 +1,4 @@
-"""`kontinue operator`: runs the kopf operator for TrainingRuns."""
+"""`kontinue operator`: runs the kopf operator for TrainingRuns and TransferRuns."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ WORKERS = 16  # kopf's threads for the (synchronous) handlers
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("operator", help="run the operator (watches TrainingRuns, runs trainer pods)")
+    parser = subparsers.add_parser("operator", help="run the operator (watches TrainingRuns and TransferRuns, runs their trainer pods)")
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument("--namespace", "-n", action="append", default=[],
                        help="namespace to watch (repeatable; globs allowed); default: all namespaces")

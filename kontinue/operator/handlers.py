@@ -17,15 +17,16 @@ import kopf
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from kontinue.api.manifests import SpecError, parse_training_run
+from kontinue.api.manifests import SpecError, parse_resource
 from kontinue.api.reports import last_status
 from kontinue.operator import metrics
 from kontinue.operator.pods import ATTEMPT_LABEL, CONTAINER, RUN_LABEL, build_cleanup_pod, cleanup_pod_name, run_label
-from kontinue.operator.reconcile import (RUNNING_PHASE, Plan, Settings, decide, refused_pod, reported_status,
-                                         timestamp)
+from kontinue.operator.reconcile import (PENDING_PHASE, RUNNING_PHASE, TERMINAL_PHASES, Peers, Plan, Settings,
+                                         decide, refused_pod, reported_status, timestamp)
 from kontinue.operator.verdicts import RUNNING, termination_message
 
-GROUP, VERSION, PLURAL = "kontinue.dev", "v1alpha1", "trainingruns"
+GROUP, VERSION = "kontinue.dev", "v1alpha1"
+PLURALS = {"TrainingRun": "trainingruns", "TransferRun": "transferruns"}
 SAFETY_NET_INTERVAL = 60.0  # a run no event or requeue woke for this long is looked at anyway
 LOG_TAIL_LINES = 200
 CLEANUP_TIMEOUT = 600.0  # seconds a cleanup pod may take before the run is let go without it
@@ -39,9 +40,10 @@ class Runtime:
     settings: Settings = field(default_factory=Settings)
     api: client.ApiClient | None = None
     locks: defaultdict = field(default_factory=lambda: defaultdict(threading.Lock))
-    timers: dict = field(default_factory=dict)  # (namespace, name) -> (due, threading.Timer)
+    # Runs are keyed (plural, namespace, name).
+    timers: dict = field(default_factory=dict)  # key -> (due, threading.Timer)
     timers_lock: threading.Lock = field(default_factory=threading.Lock)
-    reconciled: dict = field(default_factory=dict)  # (namespace, name) -> time.monotonic() of the last reconcile
+    reconciled: dict = field(default_factory=dict)  # key -> time.monotonic() of the last reconcile
 
     @property
     def core(self) -> client.CoreV1Api:
@@ -67,9 +69,9 @@ def _ignore(status: int, call, *args, **kwargs) -> None:
             raise
 
 
-def _get_run(namespace: str, name: str) -> dict[str, Any] | None:
+def _get_run(plural: str, namespace: str, name: str) -> dict[str, Any] | None:
     try:
-        return RUNTIME.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        return RUNTIME.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
     except ApiException as error:
         if error.status == 404:
             return None
@@ -116,7 +118,7 @@ def _post_event(run: dict[str, Any], kind: str, reason: str, message: str, now: 
 def _patch_status(run: dict[str, Any], status: dict[str, Any]) -> None:
     meta = run["metadata"]
     RUNTIME.custom.patch_namespaced_custom_object_status(
-        GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], {"status": status})
+        GROUP, VERSION, meta["namespace"], PLURALS[run["kind"]], meta["name"], {"status": status})
 
 
 def _api_message(error: ApiException) -> str:
@@ -154,36 +156,65 @@ def _apply(run: dict[str, Any], plan: Plan, now: dt.datetime) -> str | None:
     return None
 
 
-def reconcile(namespace: str, name: str, *, refresh: bool = False,
+def reconcile(plural: str, namespace: str, name: str, *, refresh: bool = False,
               last_seen: dict[str, Any] | None = None) -> float | None:
     """One step for one run; returns when to look again (None: on the next event or tick).
 
     `refresh` also reads the trainer's newest status line from its pod's log; `last_seen` is the
     last state of a pod of the run that was just deleted."""
-    with RUNTIME.locks[(namespace, name)]:
-        RUNTIME.reconciled[(namespace, name)] = time.monotonic()
-        run = _get_run(namespace, name)
+    key = (plural, namespace, name)
+    with RUNTIME.locks[key]:
+        RUNTIME.reconciled[key] = time.monotonic()
+        run = _get_run(*key)
         if run is None or run["metadata"].get("deletionTimestamp"):
             return None
         now = _now()
-        plan = decide(run, _pods_of(run), now, RUNTIME.settings, last_seen)
+        before = run.get("status") or {}
+        peers = Peers() if before.get("attempt") else _peers(run)
+        plan = decide(run, _pods_of(run), now, RUNTIME.settings, last_seen, peers)
         if refresh and plan.verdict is not None and plan.verdict.outcome == RUNNING:
-            plan.status.update(reported_status(_trainer_report(run), run.get("status") or {}))
+            plan.status.update(reported_status(_trainer_report(run), before))
         refusal = _apply(run, plan, now)
         if refusal is not None:
-            run = {**run, "status": {**(run.get("status") or {}), **plan.status}}
+            run = {**run, "status": {**before, **plan.status}}
             plan = refused_pod(run, plan.create["metadata"]["name"], refusal, now, RUNTIME.settings)
             _apply(run, plan, now)
-        metrics.phase(namespace, name, plan.status.get("phase") or (run.get("status") or {}).get("phase"))
+        phase = plan.status.get("phase") or before.get("phase")
+        metrics.phase(run["kind"], namespace, name, phase)
+        if run["kind"] == "TrainingRun" and phase in TERMINAL_PHASES and before.get("phase") != phase:
+            _wake_transfers_from(namespace, name)
         if plan.requeue_after is not None:
-            _reconcile_later(namespace, name, plan.requeue_after)
+            _reconcile_later(key, plan.requeue_after)
         return plan.requeue_after
 
 
-def _reconcile_later(namespace: str, name: str, delay: float) -> None:
+def _peers(run: dict[str, Any]) -> Peers:
+    """Before a run's first attempt: a run of the other kind with its name, and a TransferRun's source run."""
+    meta = run["metadata"]
+    other = next(kind for kind in PLURALS if kind != run["kind"])
+    namesake = other if _get_run(PLURALS[other], meta["namespace"], meta["name"]) is not None else None
+    source = (run.get("spec") or {}).get("source") if run["kind"] == "TransferRun" else None
+    if not isinstance(source, dict) or not isinstance(source.get("trainingRun"), str):
+        return Peers(namesake=namesake)
+    source_run = _get_run("trainingruns", meta["namespace"], source["trainingRun"])
+    return Peers(namesake=namesake, source_phase=None if source_run is None
+                 else (source_run.get("status") or {}).get("phase") or PENDING_PHASE)
+
+
+def _wake_transfers_from(namespace: str, name: str) -> None:
+    """A TrainingRun just finished: the TransferRuns waiting for it look again now."""
+    listing = RUNTIME.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "transferruns")
+    for transfer in listing.get("items", []):
+        source = (transfer.get("spec") or {}).get("source")
+        if isinstance(source, dict) and source.get("trainingRun") == name \
+                and not (transfer.get("status") or {}).get("attempt"):
+            _reconcile_later(("transferruns", namespace, transfer["metadata"]["name"]), 0.0)
+
+
+def _reconcile_later(key: tuple[str, str, str], delay: float) -> None:
     """kopf's event handlers cannot ask to be called again, so a timer thread does (at most one
     per run: the earliest). Back-off deadlines then hold to the second, not to the next tick."""
-    key, due = (namespace, name), time.monotonic() + delay
+    due = time.monotonic() + delay
     with RUNTIME.timers_lock:
         pending = RUNTIME.timers.get(key)
         if pending is not None and pending[0] <= due:
@@ -196,14 +227,14 @@ def _reconcile_later(namespace: str, name: str, delay: float) -> None:
         timer.start()
 
 
-def _reconcile_now(key: tuple[str, str], due: float) -> None:
+def _reconcile_now(key: tuple[str, str, str], due: float) -> None:
     with RUNTIME.timers_lock:
         if RUNTIME.timers.get(key, (None,))[0] == due:
             del RUNTIME.timers[key]
     try:
         reconcile(*key)
     except Exception:  # noqa: BLE001 - the next event or tick tries again
-        log.exception("reconciling %s/%s failed", *key)
+        log.exception("reconciling %s %s/%s failed", *key)
 
 
 def _trainer_report(run: dict[str, Any]) -> dict[str, Any] | None:
@@ -220,36 +251,41 @@ def _trainer_report(run: dict[str, Any]) -> dict[str, Any] | None:
 
 # -- kopf wiring -----------------------------------------------------------------------------------
 
-@kopf.on.event(GROUP, VERSION, PLURAL)
-def run_changed(type: str, name: str, namespace: str, **_: Any) -> None:
+@kopf.on.event(GROUP, VERSION, "trainingruns")
+@kopf.on.event(GROUP, VERSION, "transferruns")
+def run_changed(type: str, name: str, namespace: str, resource: kopf.Resource, **_: Any) -> None:
+    key = (resource.plural, namespace, name)
     if type == "DELETED":
-        metrics.forget(namespace, name)
-        RUNTIME.locks.pop((namespace, name), None)
-        RUNTIME.reconciled.pop((namespace, name), None)
+        metrics.forget(resource.kind, namespace, name)
+        RUNTIME.locks.pop(key, None)
+        RUNTIME.reconciled.pop(key, None)
         return
-    reconcile(namespace, name)
+    reconcile(*key)
 
 
 @kopf.on.event("", "v1", "pods", labels={RUN_LABEL: kopf.PRESENT})
 def pod_changed(type: str, body: kopf.Body, namespace: str, **_: Any) -> None:
     for owner in body.get("metadata", {}).get("ownerReferences") or []:
-        if owner.get("kind") == "TrainingRun" and owner.get("apiVersion", "").startswith(f"{GROUP}/"):
-            reconcile(namespace, owner["name"], last_seen=dict(body) if type == "DELETED" else None)
+        if owner.get("kind") in PLURALS and owner.get("apiVersion", "").startswith(f"{GROUP}/"):
+            reconcile(PLURALS[owner["kind"]], namespace, owner["name"],
+                      last_seen=dict(body) if type == "DELETED" else None)
 
 
-def tick(name: str, namespace: str, body: kopf.Body, **_: Any) -> None:
+def tick(name: str, namespace: str, body: kopf.Body, resource: kopf.Resource, **_: Any) -> None:
     """Progress of running runs. For the others only a safety net: events and the requeues that
     decide asks for (back-off deadlines, image-pull time-outs) catch every decision on time, and
     thousands of runs waiting for GPUs must not keep the workers from the events."""
+    key = (resource.plural, namespace, name)
     running = (body.get("status") or {}).get("phase") == RUNNING_PHASE
-    if running or time.monotonic() - RUNTIME.reconciled.get((namespace, name), 0.0) >= SAFETY_NET_INTERVAL:
-        reconcile(namespace, name, refresh=running)
+    if running or time.monotonic() - RUNTIME.reconciled.get(key, 0.0) >= SAFETY_NET_INTERVAL:
+        reconcile(*key, refresh=running)
 
 
 def tick_every(seconds: float) -> None:
     """Registers `tick` (the operator's --progress-seconds)."""
-    kopf.timer(GROUP, VERSION, PLURAL, interval=seconds, initial_delay=1.0,
-               when=lambda body, **_: (body.get("status") or {}).get("phase") not in ("Succeeded", "Failed"))(tick)
+    for plural in PLURALS.values():
+        kopf.timer(GROUP, VERSION, plural, interval=seconds, initial_delay=1.0,
+                   when=lambda body, **_: (body.get("status") or {}).get("phase") not in TERMINAL_PHASES)(tick)
 
 
 def _deletes_run_directory(body: kopf.Body, **_: Any) -> bool:
@@ -259,16 +295,20 @@ def _deletes_run_directory(body: kopf.Body, **_: Any) -> bool:
     return isinstance(spec, dict) and bool(spec.get("deleteRunDirectory"))
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL, when=_deletes_run_directory)
+@kopf.on.delete(GROUP, VERSION, "trainingruns", when=_deletes_run_directory)
+@kopf.on.delete(GROUP, VERSION, "transferruns", when=_deletes_run_directory)
 def delete_run_directory(body: kopf.Body, namespace: str, runtime: dt.timedelta, **_: Any) -> None:
     """Pods go by ownerReference; the run directory only when the spec asks for it, and only once
     no trainer is left to write into it: the garbage collector stops pods only after the run is
     gone, and a stopping trainer still saves a resume point, so the handler stops them first.
     A cleanup pod deletes the directory: it mounts the run's volumes and Secret as the trainer
-    did, so the operator needs neither."""
+    did, so the operator needs neither. A run that never started an attempt (an invalid spec, a
+    name another run uses) has no directory of its own to delete."""
     run_body = dict(body)
+    if not (run_body.get("status") or {}).get("attempt"):
+        return
     try:
-        run = parse_training_run(run_body)
+        run = parse_resource(run_body)
     except SpecError:
         return
     trainers = _pods_of(run_body)

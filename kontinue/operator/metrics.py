@@ -10,7 +10,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from kontinue.operator.verdicts import FAILED, PREEMPTED, Verdict, parse_time
 
-RUNS = Gauge("kontinue_trainingruns", "TrainingRuns by phase", ["phase"])
+RUNS = {"TrainingRun": Gauge("kontinue_trainingruns", "TrainingRuns by phase", ["phase"]),
+        "TransferRun": Gauge("kontinue_transferruns", "TransferRuns by phase", ["phase"])}
 PREEMPTIONS = Counter("kontinue_preemptions_total", "Trainer pods lost to preemption or eviction", ["reason"])
 FAILURES = Counter("kontinue_attempt_failures_total", "Trainer pods that failed in code", ["reason"])
 PODS = Counter("kontinue_trainer_pods_created_total", "Trainer pods created")
@@ -18,28 +19,29 @@ RESUME_LATENCY = Histogram("kontinue_resume_latency_seconds",
                            "From a preemption seen to the next trainer pod created",
                            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
 
-_phases: dict[tuple[str, str], str] = {}
+_phases: dict[tuple[str, str, str], str] = {}  # (kind, namespace, name) -> phase
 _lock = threading.Lock()
 
 
-def phase(namespace: str, name: str, value: str | None) -> None:
+def phase(kind: str, namespace: str, name: str, value: str | None) -> None:
     with _lock:
-        if value is None or _phases.get((namespace, name)) == value:
+        if value is None or _phases.get((kind, namespace, name)) == value:
             return
-        _phases[(namespace, name)] = value
+        _phases[(kind, namespace, name)] = value
         _publish()
 
 
-def forget(namespace: str, name: str) -> None:
+def forget(kind: str, namespace: str, name: str) -> None:
     with _lock:
-        _phases.pop((namespace, name), None)
+        _phases.pop((kind, namespace, name), None)
         _publish()
 
 
 def _publish() -> None:
-    counts = Tally(_phases.values())
-    for known in ("Pending", "Running", "Preempted", "Succeeded", "Failed"):
-        RUNS.labels(known).set(counts.get(known, 0))
+    counts = Tally((kind, phase) for (kind, _, _), phase in _phases.items())
+    for kind, gauge in RUNS.items():
+        for known in ("Pending", "Running", "Preempted", "Succeeded", "Failed"):
+            gauge.labels(known).set(counts.get((kind, known), 0))
 
 
 def verdict(outcome: Verdict) -> None:

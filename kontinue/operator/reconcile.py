@@ -12,7 +12,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from kontinue.api.manifests import SpecError, describe, parse_training_run
+from kontinue.api.manifests import Problem, SpecError, describe, parse_resource
 from kontinue.operator.pods import build_trainer_pod, pod_name, pod_problems
 from kontinue.operator.verdicts import (FAILED, PENDING, PREEMPTED, RUNNING, SUCCEEDED, Verdict, judge_gone_pod,
                                         judge_pod, parse_time, vanished)
@@ -31,6 +31,17 @@ class Settings:
     backoff_base: float = 10.0
     backoff_max: float = 600.0
     gone_grace_seconds: float = 10.0  # how long a vanished pod's last state may take to arrive
+
+
+@dataclass(frozen=True)
+class Peers:
+    """Other runs of the namespace the first attempt depends on (looked up only before it)."""
+
+    namesake: str | None = None  # kind of another run of the same name: the two would share a run directory
+    source_phase: str | None = SUCCEEDED_PHASE  # phase of the TrainingRun a TransferRun starts from; None: absent
+
+
+WAIT_FOR_SOURCE_SECONDS = 30.0  # a source's success also wakes its TransferRuns at once
 
 
 @dataclass
@@ -76,15 +87,20 @@ def _phase_change(plan: Plan, status: dict[str, Any], now: dt.datetime, phase: s
 
 
 def decide(body: dict[str, Any], pods: list[dict[str, Any]], now: dt.datetime, settings: Settings,
-           last_seen: dict[str, Any] | None = None) -> Plan:
-    """The next step for one TrainingRun given all pods labelled as its own, and the last state of
-    a pod of its that was just deleted (from the DELETED event), if that is what woke us."""
+           last_seen: dict[str, Any] | None = None, peers: Peers = Peers()) -> Plan:
+    """The next step for one TrainingRun or TransferRun given all pods labelled as its own, the
+    last state of a pod of its that was just deleted (from the DELETED event), if that is what
+    woke us, and, before its first attempt, the runs it depends on."""
     status = body.get("status") or {}
     plan = Plan(attempt=int(status.get("attempt") or 0))
     try:
-        run = parse_training_run(body)
+        run = parse_resource(body)
         if unreachable := pod_problems(run):  # paths a trainer pod cannot see fail the same way
             raise SpecError(unreachable, describe(body))
+        if peers.namesake and not plan.attempt:
+            raise SpecError([Problem("metadata.name", (
+                f"a {peers.namesake} named {run.metadata.name} exists in this namespace; the two would "
+                f"share the run directory {run.run_directory()}: rename one"))], describe(body))
     except SpecError as error:
         message = str(error)
         if status.get("phase") != FAILED_PHASE or status.get("message") != message:
@@ -104,6 +120,8 @@ def decide(body: dict[str, Any], pods: list[dict[str, Any]], now: dt.datetime, s
     plan.delete.extend(stale)
 
     if current is None:
+        if not plan.attempt and not _source_ready(plan, run, status, peers, now):
+            return plan
         return _start_attempt(plan, body, run, status, by_name, now, settings)
     pod = by_name.get(current)
     if last_seen is not None and last_seen["metadata"].get("name") != current:
@@ -141,6 +159,26 @@ def decide(body: dict[str, Any], pods: list[dict[str, Any]], now: dt.datetime, s
         others = {name: other for name, other in by_name.items() if name != current}
         _start_attempt(plan, body, run, {**status, **plan.status}, others, now, settings)
     return plan
+
+
+def _source_ready(plan: Plan, run, status, peers: Peers, now: dt.datetime) -> bool:
+    """A TransferRun from a TrainingRun starts once that run has succeeded (both may be applied at once)."""
+    source = getattr(run.spec, "source", None)
+    if source is None or source.training_run is None or peers.source_phase == SUCCEEDED_PHASE:
+        return True
+    name = source.training_run
+    if peers.source_phase == FAILED_PHASE:
+        message = f"its source, TrainingRun {name}, failed"
+        _phase_change(plan, status, now, FAILED_PHASE, message, Running=("False", "SourceFailed", message),
+                      Failed=("True", "SourceFailed", message))
+        plan.status["completionTime"] = timestamp(now)
+        plan.event("Warning", "SourceFailed", message)
+        return False
+    message = f"waiting for TrainingRun {name} to succeed (it is {peers.source_phase or 'not there yet'})"
+    if status.get("message") != message:
+        _phase_change(plan, status, now, PENDING_PHASE, message, Running=("False", "WaitingForSource", message))
+    plan.requeue(WAIT_FOR_SOURCE_SECONDS)
+    return False
 
 
 def _start_attempt(plan: Plan, body, run, status, by_name, now, settings) -> Plan:
@@ -257,8 +295,8 @@ def reported_status(report: dict[str, Any] | None, status: dict[str, Any]) -> di
     """Status fields from the trainer's newest status line (kontinue.api.reports) that differ."""
     if not report:
         return {}
-    update: dict[str, Any] = {key: report[key] for key in ("lastCheckpoint", "bestCheckpoint", "metrics", "warnings")
-                              if report.get(key)}
+    update: dict[str, Any] = {key: report[key] for key in ("lastCheckpoint", "bestCheckpoint", "metrics", "warnings",
+                                                           "sourceDumpUri") if report.get(key)}
     if isinstance(report.get("progress"), (int, float)):
         ratio = min(1.0, max(0.0, float(report["progress"])))
         update.update(progress=f"{round(100 * ratio)}%", progressRatio=ratio)
