@@ -256,6 +256,15 @@ def test_sync_up_and_down(store, tmp_path):
         "a/b/c.txt", "model.safetensors"]
 
 
+def test_sync_up_of_a_local_store_carries_its_checksums(local_store, store):
+    """A run directory copied from disk to a store keeps its digests, not its sidecar files."""
+    local_store.put_bytes("last.ckpt", b"state", checksum=True)
+    local_store.put_bytes("status.json", b"{}")
+    store.sync_up(local_store.root, "copy")
+    assert [(info.key, info.sha256) for info in store.list("copy/")] == [
+        ("copy/last.ckpt", hashlib.sha256(b"state").hexdigest()), ("copy/status.json", None)]
+
+
 def test_local_path(local_store, s3_store):
     assert local_store.local_path("a/b") == local_store.root / "a" / "b"
     assert s3_store.local_path("a/b") is None

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from kontinue.storage import open_store
 from kontinue.trainer.callbacks import PREEMPTED_EXIT_CODE
 from kontinue.trainer.predictor import Predictor
 from tests.trainer_fixtures import Trainer, training_run
@@ -158,4 +159,29 @@ def test_model_uri_source_starts_from_its_dumped_encoder(dumped, source, store, 
                                        else (tmp_path / "scratch" / "source-dump").as_uri())
     started, dumped_encoder = encoder_weights(run_dir), encoder_weights_of(source / "dump" / "hf_text")
     assert started.keys() == dumped_encoder.keys()
+    assert all(torch.equal(started[key], dumped_encoder[key]) for key in started)
+
+
+def test_a_backbone_in_spec_model_replaces_the_source_one(source, store, length_tables, tiny_bert, tmp_path):
+    manifest = transfer_run("replaced", store, length_tables, {"trainingRun": source.name},
+                            model={"hfText": {"checkpoint": tiny_bert}},
+                            hyperparameters={"optim.lr": 0.0, "optim.max_steps": 2})
+    run_dir = store / "tests" / "replaced"
+    attempt = Trainer(tmp_path).attempt(manifest, str(run_dir))
+    assert attempt.exit_code == 0, attempt.output[-3000:]
+    assert read_json(run_dir / "kontinue.json")["hyperparameters"]["model.hf_text.checkpoint_name"] == tiny_bert
+    started, untrained = encoder_weights(run_dir), encoder_weights_of(tiny_bert)
+    assert all(torch.equal(started[key], untrained[key]) for key in started), "spec.model's, not the source's"
+
+
+def test_a_source_in_s3_is_fetched(source, store, length_tables, s3_server, tmp_path):
+    bucket = s3_server.make_bucket("sources")
+    open_store(f"s3://{bucket}/runs/sentiment", environ=s3_server.environ).sync_up(source, "")
+    manifest = transfer_run("from-s3", store, length_tables, {"modelUri": f"s3://{bucket}/runs/sentiment"},
+                            hyperparameters={"optim.lr": 0.0, "optim.max_steps": 2})
+    run_dir = store / "tests" / "from-s3"
+    attempt = Trainer(tmp_path, s3_server.environ).attempt(manifest, str(run_dir))
+    assert attempt.exit_code == 0, attempt.output[-3000:]
+    assert read_json(run_dir / "status.json")["sourceDumpUri"] == f"s3://{bucket}/runs/sentiment/dump"
+    started, dumped_encoder = encoder_weights(run_dir), encoder_weights_of(source / "dump" / "hf_text")
     assert all(torch.equal(started[key], dumped_encoder[key]) for key in started)

@@ -282,12 +282,17 @@ class Store(abc.ABC):
 
     def sync_up(self, local_dir: str | os.PathLike, prefix: str = "", *, checksum: bool = False) -> list[ObjectInfo]:
         """Upload every file under ``local_dir`` to ``prefix/<relative path>``, skipping ``*.tmp*``.
+        A local store's checksum sidecars are not uploaded as files: the files they belong to are
+        uploaded with a checksum (as with ``checksum=True``, which does that for every file).
 
         Copy only: objects with no local counterpart are left alone.
         """
         root, base = pathlib.Path(local_dir), _dir_prefix(prefix)
         files = sorted(p for p in root.rglob("*") if p.is_file() and not _is_skipped(p.relative_to(root)))
-        return [self.put_file(base + p.relative_to(root).as_posix(), p, checksum=checksum) for p in files]
+        sidecars = {p for p in files if p.name.endswith(SIDECAR) and p.with_name(p.name[:-len(SIDECAR)]).is_file()}
+        return [self.put_file(base + p.relative_to(root).as_posix(), p,
+                              checksum=checksum or p.with_name(p.name + SIDECAR) in sidecars)
+                for p in files if p not in sidecars]
 
     def sync_down(self, local_dir: str | os.PathLike, prefix: str = "", *, verify: bool = False) -> list[ObjectInfo]:
         """Download every object under ``prefix/`` into ``local_dir`` (copy only, nothing deleted)."""
