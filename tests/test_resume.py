@@ -45,6 +45,19 @@ def assert_same_outcome(run_dir: Path, reference_dir: Path) -> dict:
     return status
 
 
+def stop(harness: Trainer, manifest: dict, run_dir: Path, **preempt) -> None:
+    """An attempt SIGTERMed as `Trainer.attempt`'s options say, which must stop at a resume point."""
+    attempt = harness.attempt(manifest, str(run_dir), **preempt)
+    assert attempt.exit_code == PREEMPTED_EXIT_CODE, attempt.output[-3000:]
+
+
+def finish(harness: Trainer, manifest: dict, run_dir: Path) -> str:
+    """The next attempt, which must end the run; returns its output."""
+    final = harness.attempt(manifest, str(run_dir))
+    assert final.exit_code == 0, final.output[-3000:]
+    return final.output
+
+
 def test_preempted_three_times_ends_bit_identical_and_recomputes_nothing(reference, tmp_path):
     manifest, reference_dir = reference
     total = read_status(reference_dir)["finalState"]["step"]
@@ -58,8 +71,7 @@ def test_preempted_three_times_ends_bit_identical_and_recomputes_nothing(referen
         assert attempt.exit_code == PREEMPTED_EXIT_CODE, f"seed {seed}:\n{attempt.output[-3000:]}"
         stopped_at = read_status(run_dir)["lastCheckpoint"]["step"]
         assert stopped_at < total, f"seed {seed}: the run finished before it could be preempted"
-    final = harness.attempt(manifest, str(run_dir))
-    assert final.exit_code == 0, final.output[-3000:]
+    finish(harness, manifest, run_dir)
 
     status = assert_same_outcome(run_dir, reference_dir)
     attempts = status["attempts"]
@@ -74,10 +86,8 @@ def test_preempted_before_the_first_step_resumes_from_the_starting_weights(refer
     manifest, reference_dir = reference
     harness = Trainer(tmp_path)
     run_dir = tmp_path / "store" / "tests" / "exact"
-    attempt = harness.attempt(manifest, str(run_dir), preempt_after_step=0)
-    assert attempt.exit_code == PREEMPTED_EXIT_CODE, attempt.output[-3000:]
-    final = harness.attempt(manifest, str(run_dir))
-    assert final.exit_code == 0, final.output[-3000:]
+    stop(harness, manifest, run_dir, preempt_after_step=0)
+    finish(harness, manifest, run_dir)
     status = assert_same_outcome(run_dir, reference_dir)
     assert status["attempts"][1]["fromStep"] == status["attempts"][0]["toStep"]
 
@@ -87,11 +97,9 @@ def test_preempted_during_set_up_exits_as_preempted_and_resumes_exactly(referenc
     manifest, reference_dir = reference
     harness = Trainer(tmp_path)
     run_dir = tmp_path / "store" / "tests" / "exact"
-    attempt = harness.attempt(manifest, str(run_dir), preempt_after_seconds=1.5)
-    assert attempt.exit_code == PREEMPTED_EXIT_CODE, attempt.output[-3000:]
+    stop(harness, manifest, run_dir, preempt_after_seconds=1.5)
     assert read_status(run_dir)["lastCheckpoint"]["step"] == 0
-    final = harness.attempt(manifest, str(run_dir))
-    assert final.exit_code == 0, final.output[-3000:]
+    finish(harness, manifest, run_dir)
     assert_same_outcome(run_dir, reference_dir)
 
 
@@ -107,11 +115,9 @@ def stop_during_a_slow_validation(reference, tmp_path, reviews, checkpoint_every
     manifest["spec"]["checkpoint"]["intervalSteps"] = checkpoint_every
     harness = Trainer(tmp_path)
     run_dir = tmp_path / "store" / "tests" / "exact"
-    attempt = harness.attempt(manifest, str(run_dir), preempt_after_step=checkpoint_every)
-    assert attempt.exit_code == PREEMPTED_EXIT_CODE, attempt.output[-3000:]
+    stop(harness, manifest, run_dir, preempt_after_step=checkpoint_every)
     stopped_at = read_status(run_dir)["lastCheckpoint"]["step"]
-    final = harness.attempt(manifest, str(run_dir))
-    assert final.exit_code == 0, final.output[-3000:]
+    finish(harness, manifest, run_dir)
     assert read_status(run_dir)["finalState"] == read_status(reference_dir)["finalState"]
     return stopped_at
 
@@ -133,15 +139,12 @@ def test_truncated_newest_checkpoint_resumes_from_the_previous_one(reference, tm
     manifest, reference_dir = reference
     harness = Trainer(tmp_path)
     run_dir = tmp_path / "store" / "tests" / "exact"
-    attempt = harness.attempt(manifest, str(run_dir), preempt_after_step=9)
-    assert attempt.exit_code == PREEMPTED_EXIT_CODE, attempt.output[-3000:]
+    stop(harness, manifest, run_dir, preempt_after_step=9)
     newest = run_dir / "last.ckpt"
     previous_step = torch.load(run_dir / "previous.ckpt", weights_only=True)["global_step"]
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
 
-    final = harness.attempt(manifest, str(run_dir))
-    assert final.exit_code == 0, final.output[-3000:]
-    assert "skipping checkpoint last.ckpt" in final.output
+    assert "skipping checkpoint last.ckpt" in finish(harness, manifest, run_dir)
     status = assert_same_outcome(run_dir, reference_dir)
     assert any("last.ckpt" in warning["message"] for warning in status["warnings"])
     assert status["attempts"][1]["fromStep"] == previous_step < status["attempts"][0]["toStep"]
@@ -161,7 +164,7 @@ def test_s3_run_directory_resumes_on_a_new_machine(reference, tmp_path, s3_serve
     run_uri = f"s3://{bucket}/store/tests/exact"
     first = Trainer(tmp_path / "node-1", s3_server.environ)
     (tmp_path / "node-1").mkdir()
-    attempt = first.attempt(manifest, run_uri, preempt_after_step=None if __import__("os").environ.get("NOPRE") else 5,
+    attempt = first.attempt(manifest, run_uri, preempt_after_step=5,
                             status_file=tmp_path / "node-1" / "scratch" / "run" / "status.json")
     assert attempt.exit_code == PREEMPTED_EXIT_CODE, attempt.output[-3000:]
     assert store.stat_object(bucket, "store/tests/exact/last.ckpt.sha256")

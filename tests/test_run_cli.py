@@ -15,7 +15,7 @@ import yaml
 
 from kontinue.trainer.callbacks import PREEMPTED_EXIT_CODE
 from kontinue.trainer.predictor import Predictor
-from tests.trainer_fixtures import Trainer, training_run
+from tests.trainer_fixtures import Trainer, signal_when, training_run
 
 
 def read_json(path: Path) -> dict:
@@ -47,17 +47,7 @@ def interrupted(command: list[str], status_file: Path, signum: int, *, cwd: Path
     log = cwd / f"interrupted-{time.monotonic_ns()}.log"
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while process.poll() is None and time.monotonic() < deadline:
-            if until(read_json(status_file)):
-                process.send_signal(signum)
-                break
-            time.sleep(0.01)
-        try:
-            code = process.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
+        code = signal_when(process, lambda: until(read_json(status_file)), signum, time.monotonic() + timeout)
     return code, log.read_text()
 
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,17 +113,26 @@ class Trainer:
             if preempt_after_seconds is not None:
                 time.sleep(preempt_after_seconds)
                 process.send_signal(signal.SIGTERM)
-            while preempt_after_step is not None and process.poll() is None and time.monotonic() < deadline:
-                if _checkpoint_step(status_file) >= preempt_after_step:
-                    process.send_signal(signal.SIGTERM)
-                    break
-                time.sleep(0.02)
-            try:
-                code = process.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                raise
+            reached = None if preempt_after_step is None else \
+                (lambda: _checkpoint_step(status_file) >= preempt_after_step)
+            code = signal_when(process, reached, signal.SIGTERM, deadline)
         return Attempt(code, log.read_text())
+
+
+def signal_when(process: subprocess.Popen, condition: Callable[[], bool] | None, signum: int,
+                deadline: float) -> int:
+    """Sends `signum` once `condition()` holds (never if it is None) and returns the exit code;
+    past the deadline the process is killed and TimeoutExpired raised."""
+    while condition is not None and process.poll() is None and time.monotonic() < deadline:
+        if condition():
+            process.send_signal(signum)
+            break
+        time.sleep(0.02)
+    try:
+        return process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
 
 
 def _checkpoint_step(status_file: Path) -> int:

@@ -170,7 +170,8 @@ def reconcile(plural: str, namespace: str, name: str, *, refresh: bool = False,
             return None
         now = _now()
         before = run.get("status") or {}
-        peers = Peers() if before.get("attempt") else _peers(run)
+        started_or_over = before.get("attempt") or before.get("phase") in TERMINAL_PHASES
+        peers = Peers() if started_or_over else _peers(run)  # they matter only before the first attempt
         plan = decide(run, _pods_of(run), now, RUNTIME.settings, last_seen, peers)
         if refresh and plan.verdict is not None and plan.verdict.outcome == RUNNING:
             plan.status.update(reported_status(_trainer_report(run), before))
