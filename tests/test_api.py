@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from kontinue.api.families import FAMILIES, OBJECT_DETECTION, PROBLEM_TYPES, SPEC_FAMILIES
+
 from kontinue.api import (SpecError, TrainingRun, TrainingRunStatus, TransferRun, crd_schema, load_documents,
                           load_manifest, parse_resource, parse_training_run, parse_transfer_run,
                           validate_hyperparameters)
@@ -213,8 +215,18 @@ def test_volumes_parse_with_their_defaults():
     assert volumes["x-kubernetes-list-type"] == "map" and volumes["maxItems"] == 16
 
 
-def test_object_detection_without_label_is_valid():
-    parse_transfer_run(changed(TRANSFER, (("spec", "task"), {"problemType": "object_detection"})))
+def test_families_and_problem_types_the_trainer_cannot_run_are_refused_by_pydantic_and_the_crd():
+    """The API accepts exactly what kontinue.api.families says the trainer runs."""
+    for kind in ("TrainingRun", "TransferRun"):
+        assert sorted(crd_node(kind, "spec.model")["properties"]) == sorted(
+            FAMILIES[name].spec_field for name in SPEC_FAMILIES)
+        assert tuple(crd_node(kind, "spec.task.problemType")["enum"]) == PROBLEM_TYPES
+    if OBJECT_DETECTION not in PROBLEM_TYPES:  # until the detection family lands
+        problems = refused(parse_transfer_run, changed(TRANSFER, (("spec", "task"), {"problemType": OBJECT_DETECTION}),
+                                                       (("spec", "model"), {"mmdetImage": {"checkpoint": "x"}})))
+        assert "problemType" in str(problems) and problems["spec.model.mmdetImage"] == "unknown field"
+    with pytest.raises(SpecError, match=r"model\.names: \['vit_image'\] not supported by this trainer"):
+        parse_training_run(changed(TRAINING, (("spec", "hyperparameters", "model.names"), ["vit_image"])))
 
 
 def test_every_problem_is_reported_at_once():
@@ -238,7 +250,8 @@ def test_effective_hyperparameters_merge_spec_fields():
         "env.checkpoint_every_n_steps": 500, "env.checkpoint_every_n_minutes": 7.5, "env.num_gpus": 1}
     validate_hyperparameters(effective)
     implied_names = parse_training_run(changed(TRAINING, (("spec", "hyperparameters"), {})))
-    assert implied_names.spec.effective_hyperparameters()["model.names"] == ["hf_text", "timm_image", "fusion_mlp"]
+    assert implied_names.spec.effective_hyperparameters()["model.names"] == [
+        "hf_text", "timm_image", "numerical_mlp", "categorical_mlp", "fusion_mlp"]
     continued = parse_training_run(CONTINUED).spec.effective_hyperparameters()
     assert continued == {"env.num_gpus": 1}
     transfer = parse_transfer_run(TRANSFER).spec.effective_hyperparameters()

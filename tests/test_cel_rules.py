@@ -84,7 +84,8 @@ VALID = {
     "trainingrun": TRAINING,
     "continued trainingrun": CONTINUED,
     "transferrun": TRANSFER,
-    "object detection without label": changed(TRANSFER, (("spec", "task"), {"problemType": "object_detection"})),
+    "timm image size and column types": changed(TRANSFER, (("spec", "model"), {"timmImage": {
+        "checkpoint": "resnet18", "imageSize": 64}}), (("spec", "task", "columnTypes"), {"photo": "image_path"})),
     "explicit nulls": changed(CONTINUED, (("spec", "model"), None), (("spec", "checkpoint", "intervalSteps"), None)),
     "trainingrun with volumes": changed(TRAINING, (("spec", "volumes"), TRANSFER["spec"]["volumes"])),
     "mountPaths that only share a prefix": changed(TRANSFER, (("spec", "volumes"), [

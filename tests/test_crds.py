@@ -110,7 +110,7 @@ def test_cel_rules_sit_with_their_fields():
     assert rules(spec["properties"]["continueFrom"]) == ["has(self.trainingRun) != has(self.modelUri)"]
     assert "has(self.secretRef)" in rules(spec["properties"]["checkpoint"])[0]
     assert "has(self.hfText)" in rules(spec["properties"]["model"])[0]
-    assert "object_detection" in rules(spec["properties"]["task"])[0]
+    assert "has(self.label)" in rules(spec["properties"]["task"])[0]
     transfer = SCHEMAS["TransferRun"]["properties"]["spec"]
     assert rules(transfer["properties"]["source"]) == ["has(self.trainingRun) != has(self.modelUri)"]
 

@@ -4,33 +4,57 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
+import torch
 import torch.distributed
 
-from kontinue.trainer.data import ResumableBatchSampler
+from kontinue.trainer.data import ResumableBatchSampler, ResumableDataLoader, sample_seed
 
 
-def test_a_resumed_sampler_yields_exactly_the_batches_that_were_left():
-    sampler = ResumableBatchSampler(103, 8, seed=5)
-    sampler.set_epoch(2)
-    uninterrupted = list(sampler)
-    sampler.set_epoch(2)
-    first = list(itertools.islice(iter(sampler), 6))
-    state = sampler.state_dict()
+class Keys(torch.utils.data.Dataset):
+    """Each item is the (row, epoch) key the sampler gave."""
+
+    def __len__(self):
+        return 103
+
+    def __getitem__(self, key):
+        return torch.tensor(key)
+
+
+def loader(workers: int = 0) -> ResumableDataLoader:
+    return ResumableDataLoader(Keys(), batch_sampler=ResumableBatchSampler(103, 8, seed=5), num_workers=workers)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_loader_yields_exactly_the_batches_that_were_left(workers):
+    """The position is what the loader handed out, not what its workers fetched ahead."""
+    first = loader(workers)
+    first.batch_sampler.set_epoch(2)
+    uninterrupted = [batch.tolist() for batch in first]
+    first.batch_sampler.set_epoch(2)
+    taken = [batch.tolist() for batch in itertools.islice(iter(first), 6)]
+    state = first.state_dict()
     assert state == {"epoch": 2, "consumed": 6}
 
-    resumed = ResumableBatchSampler(103, 8, seed=5)
+    resumed = loader(workers)
     resumed.load_state_dict(state)
-    resumed.set_epoch(2)
-    assert first + list(resumed) == uninterrupted
-    resumed.set_epoch(3)  # the skip applies to the interrupted epoch only
+    resumed.batch_sampler.set_epoch(2)
+    assert taken + [batch.tolist() for batch in resumed] == uninterrupted
+    assert all(epoch == 2 for batch in uninterrupted for _, epoch in batch)
+    resumed.batch_sampler.set_epoch(3)  # the skip applies to the interrupted epoch only
     assert len(list(resumed)) == len(uninterrupted)
+
+
+def test_a_samples_seed_depends_on_run_seed_epoch_and_row_only():
+    seeds = {sample_seed(seed, epoch, row) for seed in (0, 1) for epoch in (0, 1) for row in (0, 1, 2)}
+    assert len(seeds) == 12 and sample_seed(3, 4, 5) == sample_seed(3, 4, 5)
 
 
 def test_epochs_and_seeds_shuffle_differently_and_reproducibly():
     def order(seed, epoch):
         sampler = ResumableBatchSampler(50, 10, seed=seed)
         sampler.set_epoch(epoch)
-        return list(sampler)
+        return [[index for index, _ in batch] for batch in sampler]
     assert order(1, 0) == order(1, 0)
     assert order(1, 0) != order(1, 1) and order(1, 0) != order(2, 0)
     assert sorted(i for batch in order(1, 0) for i in batch) == list(range(50))

@@ -10,6 +10,8 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from kontinue.api.families import FAMILIES, FUSION_HEADS, family_of, unsupported_model_names
+
 
 class HyperparameterError(ValueError):
     """A hyperparameter key is unknown or its value is out of range; `key` names it."""
@@ -54,15 +56,45 @@ def _optional_string(value: Any) -> str | None:
     return None if value is None or isinstance(value, str) else f"must be a string, got {value!r}"
 
 
+def _optional_size(value: Any) -> str | None:
+    return None if value is None else _number(8, 4096, integer=True)(value)
+
+
+def _names_from(choices: tuple[str, ...], what: str, allow_empty: bool = False) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if not isinstance(value, list) or (not value and not allow_empty) or not all(isinstance(v, str) for v in value):
+            return f"must be a list of {what}, got {value!r}"
+        unknown = [v for v in value if v not in choices]
+        return f"unknown {what} {unknown}; use any of {list(choices)}" if unknown else None
+    return check
+
+
+def _sizes(value: Any) -> str | None:
+    if not isinstance(value, list) or not value or not all(_number(1, 65536, integer=True)(v) is None for v in value):
+        return f"must be a non-empty list of layer widths, got {value!r}"
+    return None
+
+
 def _backbone_names(value: Any) -> str | None:
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
         return f"must be a non-empty list of backbone names, got {value!r}"
-    unknown = [v for v in value if v.split("_")[0] not in ("hf", "timm", "mmdet", "fusion")]
-    return f"unknown backbone(s) {unknown}" if unknown else None
+    unknown = unsupported_model_names(value)
+    if unknown:
+        return (f"{unknown} not supported by this trainer; it runs {list(FAMILIES)} "
+                f"(a repeated family takes a numeric suffix, such as timm_image_1) and the fusion head "
+                f"{list(FUSION_HEADS)}")
+    return None
+
+
+IMAGE_TRANSFORMS = ("resize_shorter_side", "resize_to_square", "center_crop", "random_resize_crop",
+                    "random_horizontal_flip", "random_vertical_flip", "color_jitter", "affine", "trivial_augment")
 
 
 HYPERPARAMETERS: dict[str, Hyperparameter] = {
-    "model.names": Hyperparameter(["hf_text"], "Backbones to build, by AutoMM prefix.", _backbone_names),
+    "model.names": Hyperparameter(
+        ["hf_text", "timm_image", "numerical_mlp", "categorical_mlp", "fusion_mlp"],
+        "Models to build, by AutoMM prefix; those with no column of their modality in the data are left out, "
+        "and fusion_mlp fuses several.", _backbone_names),
     "model.hf_text.checkpoint_name": Hyperparameter(
         "google/electra-base-discriminator",
         "A transformers model name or a local directory (a dump's hf_text/ works).", _optional_string),
@@ -71,11 +103,31 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
     "model.hf_text.pooling_mode": Hyperparameter(
         "cls", "How token states become one vector.", _choice("cls", "mean")),
     "model.timm_image.checkpoint_name": Hyperparameter(
-        "swin_base_patch4_window7_224", "A timm architecture name or a dump's timm_image/ directory.",
-        _optional_string),
-    "model.mmdet_image.checkpoint_name": Hyperparameter(
-        "yolov3_mobilenetv2_8xb24-320-300e_coco", "An MMDetection config name or a dump's mmdet_image/.",
-        _optional_string),
+        "swin_base_patch4_window7_224", "A timm architecture name (random weights: nothing is downloaded) or a "
+        "dump's timm_image/ directory (its trained weights).", _optional_string),
+    "model.timm_image.image_size": Hyperparameter(
+        None, "Image side in pixels (unset: the architecture's own input size).", _optional_size),
+    "model.timm_image.train_transforms": Hyperparameter(
+        ["resize_shorter_side", "center_crop", "trivial_augment"],
+        "Training transforms in order, before normalisation with timm's data config.",
+        _names_from(IMAGE_TRANSFORMS, "image transforms", allow_empty=True)),
+    "model.timm_image.val_transforms": Hyperparameter(
+        ["resize_shorter_side", "center_crop"], "Evaluation and prediction transforms in order.",
+        _names_from(IMAGE_TRANSFORMS, "image transforms", allow_empty=True)),
+    "model.numerical_mlp.hidden_size": Hyperparameter(
+        128, "Width of the numerical columns' MLP.", _number(1, 65536, integer=True)),
+    "model.numerical_mlp.num_layers": Hyperparameter(1, "Layers of the numerical MLP.", _number(1, 16, integer=True)),
+    "model.numerical_mlp.drop_rate": Hyperparameter(0.1, "Dropout in the numerical MLP.", _number(0, 0.99)),
+    "model.categorical_mlp.hidden_size": Hyperparameter(
+        128, "Width of the categorical columns' MLP.", _number(1, 65536, integer=True)),
+    "model.categorical_mlp.num_layers": Hyperparameter(
+        1, "Layers of the categorical MLP.", _number(1, 16, integer=True)),
+    "model.categorical_mlp.drop_rate": Hyperparameter(0.1, "Dropout in the categorical MLP.", _number(0, 0.99)),
+    "model.fusion_mlp.hidden_sizes": Hyperparameter([128], "Hidden layer widths of the fusion MLP.", _sizes),
+    "model.fusion_mlp.drop_rate": Hyperparameter(0.1, "Dropout in the fusion MLP.", _number(0, 0.99)),
+    "model.fusion_mlp.adapt_in_features": Hyperparameter(
+        "max", "Each backbone's features are first mapped to the widest (max) or narrowest (min) width.",
+        _choice("max", "min")),
     "optim.optim_type": Hyperparameter("adamw", "Optimizer.", _choice("adamw", "adam", "sgd")),
     "optim.lr": Hyperparameter(1e-4, "Peak learning rate.", _number(0, 10)),
     "optim.weight_decay": Hyperparameter(1e-3, "Decoupled weight decay.", _number(0, 10)),
@@ -111,6 +163,17 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
 }
 
 
+def registry_key(key: str) -> str:
+    """The registry key of `key`: a repeated family's options (model.timm_image_1.image_size) are its
+    family's (model.timm_image.image_size)."""
+    parts = key.split(".")
+    if len(parts) == 3 and parts[0] == "model":
+        family = family_of(parts[1])
+        if family is not None and family.prefix != parts[1]:
+            return f"model.{family.prefix}.{parts[2]}"
+    return key
+
+
 def validate_hyperparameters(hyperparameters: dict[str, Any] | None) -> dict[str, Any]:
     """Checks user hyperparameters and returns them merged over the defaults.
 
@@ -118,11 +181,11 @@ def validate_hyperparameters(hyperparameters: dict[str, Any] | None) -> dict[str
     """
     merged = {key: spec.default for key, spec in HYPERPARAMETERS.items()}
     for key, value in (hyperparameters or {}).items():
-        if key not in HYPERPARAMETERS:
+        if registry_key(key) not in HYPERPARAMETERS:
             close = difflib.get_close_matches(key, HYPERPARAMETERS, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"known keys: {sorted(HYPERPARAMETERS)}"
             raise HyperparameterError(key, f"unknown hyperparameter; {hint}")
-        problem = HYPERPARAMETERS[key].check(value)
+        problem = HYPERPARAMETERS[registry_key(key)].check(value)
         if problem:
             raise HyperparameterError(key, problem)
         merged[key] = value

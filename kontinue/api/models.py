@@ -10,20 +10,23 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, Callable, ClassVar, Literal, get_args
+from typing import Annotated, Any, Callable, ClassVar, Literal
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema,
                       field_validator, model_validator)
 from pydantic.alias_generators import to_camel
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from kontinue.api.families import (COLUMN_ROLES, FAMILIES, FUSION_HEADS, OBJECT_DETECTION, PROBLEM_TYPES, SPEC_FAMILIES,
+                                    SUPPORTED_METRICS, TABULAR_FAMILIES)
 from kontinue.api.hyperparameters import hyperparameter_problems
 
 GROUP = "kontinue.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
-Backbone = Literal["hf_text", "timm_image", "mmdet_image"]  # AutoMM prefixes, in AutoMM's order
-BACKBONES: tuple[str, ...] = get_args(Backbone)
+# The families a spec can name, as this trainer runs them (kontinue.api.families), in AutoMM's order
+Backbone = Literal[SPEC_FAMILIES]  # type: ignore[valid-type]
+BACKBONES: tuple[str, ...] = SPEC_FAMILIES
 # The trainer pod's own emptyDir volumes, name -> mount path (kontinue.operator.pods mounts them):
 # spec.volumes may not use these names, nor mount at, under or above these paths.
 RESERVED_VOLUMES = {"scratch": "/scratch", "tmp": "/tmp", "dshm": "/dev/shm"}
@@ -154,14 +157,20 @@ class TaskSpec(_Model):
     """What to predict."""
     label: str | None = Field(None, min_length=1, description=(
         "Column holding the target. Required unless problemType is object_detection."))
-    problem_type: Literal["binary", "multiclass", "regression", "object_detection"] | None = Field(
+    problem_type: Literal[PROBLEM_TYPES] | None = Field(  # type: ignore[valid-type]
         None, description="Kind of problem; inferred from the label column when unset.")
-    eval_metric: Literal["acc", "accuracy", "f1", "roc_auc", "log_loss", "rmse", "mae", "r2",
-                         "pearsonr", "spearmanr", "map"] | None = Field(
+    eval_metric: Literal[SUPPORTED_METRICS] | None = Field(  # type: ignore[valid-type]
         None, description="Metric used for validation, early stopping and model selection.")
-    rules = (Rule("has(self.label) || (has(self.problemType) && self.problemType == 'object_detection')",
-                  "task.label is required unless task.problemType is object_detection",
-                  lambda t: t.label is not None or t.problem_type == "object_detection"),)
+    column_types: dict[str, Literal[COLUMN_ROLES]] = Field(  # type: ignore[valid-type]
+        default_factory=dict, description=(
+            "Role of a column by name (text, image_path, image_bytes, numerical or categorical); the roles of "
+            "the others are inferred from the data, as AutoMM does."))
+    # a detector's boxes need no label column; the other problem types predict one
+    rules = (Rule("has(self.label)" + (" || (has(self.problemType) && self.problemType == 'object_detection')"
+                                       if OBJECT_DETECTION in PROBLEM_TYPES else ""),
+                  "task.label is required" + (" unless task.problemType is object_detection"
+                                              if OBJECT_DETECTION in PROBLEM_TYPES else ""),
+                  lambda t: t.label is not None or t.problem_type == OBJECT_DETECTION),)
 
 
 class DataSpec(_Model):
@@ -180,20 +189,22 @@ class HfTextSpec(_Model):
     max_text_len: int | None = Field(None, ge=1, description="Tokens kept per text; longer texts are cut.")
 
 
-class BackboneSpec(_Model):
-    """An image backbone."""
+class TimmImageSpec(_Model):
+    """A timm image backbone over the image columns."""
     checkpoint: str = Field(min_length=1, description=(
-        "An architecture or config name, or a directory URI (a dump's timm_image/ or mmdet_image/)."))
+        "A timm architecture name (random weights: nothing is downloaded) or a directory URI of a dump's "
+        "timm_image/ (its trained weights)."))
+    image_size: int | None = Field(None, ge=8, le=4096, description=(
+        "Image side in pixels; the architecture's own input size when unset."))
 
 
 class ModelSpec(_Model):
-    """Backbones to build; several are fused by an MLP head."""
+    """Backbones to build; with several (and any numerical or categorical columns) a fusion MLP head
+    combines them."""
     hf_text: HfTextSpec | None = Field(None, description="Text backbone (model.hf_text in AutoMM).")
-    timm_image: BackboneSpec | None = Field(None, description="timm image backbone (model.timm_image).")
-    mmdet_image: BackboneSpec | None = Field(
-        None, description="MMDetection detector (model.mmdet_image), for object_detection.")
-    rules = (Rule("has(self.hfText) || has(self.timmImage) || has(self.mmdetImage)",
-                  "model needs at least one of hfText, timmImage or mmdetImage",
+    timm_image: TimmImageSpec | None = Field(None, description="timm image backbone (model.timm_image).")
+    rules = (Rule(" || ".join(f"has(self.{FAMILIES[name].spec_field})" for name in BACKBONES),
+                  f"model needs at least one of {', '.join(FAMILIES[name].spec_field for name in BACKBONES)}",
                   lambda m: any(getattr(m, name) for name in BACKBONES)),)
 
     def backbones(self) -> list[str]:
@@ -338,6 +349,9 @@ class _RunSpec(_Model):
                 f"spec.model.{to_camel(name)}.checkpoint", getattr(self.model, name).checkpoint)
         if self.model and self.model.hf_text and self.model.hf_text.max_text_len is not None:
             implied["model.hf_text.max_text_len"] = ("spec.model.hfText.maxTextLen", self.model.hf_text.max_text_len)
+        if self.model and self.model.timm_image and self.model.timm_image.image_size is not None:
+            implied["model.timm_image.image_size"] = ("spec.model.timmImage.imageSize",
+                                                      self.model.timm_image.image_size)
         return implied
 
     def effective_hyperparameters(self, **context: Any) -> dict[str, Any]:
@@ -357,14 +371,15 @@ class _RunSpec(_Model):
 
 
 def _with_fusion(names: list[str]) -> list[str]:
-    """model.names for these backbones: several are fused by an MLP head, as in AutoMM."""
-    return names + ["fusion_mlp"] * (len(names) > 1)
+    """model.names for these backbones: plus the towers for any numerical and categorical columns
+    (left out when the data has none), all fused by an MLP head, as in AutoMM."""
+    return names + list(TABULAR_FAMILIES) + list(FUSION_HEADS)
 
 
 def _agree(key: str, given: Any, implied: Any) -> bool:
-    """model.names agrees when it names the same backbones (it may choose another fusion head)."""
+    """model.names agrees when it names the same backbones (towers and the fusion head are its choice)."""
     if key == "model.names":
-        given, implied = ([name for name in names if not name.startswith("fusion")] for names in (given, implied))
+        given, implied = ([name for name in names if name in BACKBONES] for names in (given, implied))
         return sorted(given) == sorted(implied)
     return given == implied
 

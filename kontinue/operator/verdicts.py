@@ -13,10 +13,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from kontinue.api.contract import INVALID_SPEC_EXIT_CODE, PREEMPTED_EXIT_CODE
 from kontinue.operator.pods import CONTAINER
 
 PENDING, RUNNING, SUCCEEDED, PREEMPTED, FAILED = "pending", "running", "succeeded", "preempted", "failed"
-PREEMPTED_EXIT_CODE = 75  # the trainer's "stopped at a resume point, run me again"
 DISRUPTION_REASONS = {"PreemptionByScheduler", "TerminationByKubelet", "EvictionByEvictionAPI",
                       "DeletionByTaintManager", "DeletionByPodGC"}
 IMAGE_PROBLEMS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
@@ -95,7 +95,7 @@ def judge_pod(pod: dict[str, Any], now: dt.datetime, image_pull_timeout: float =
         detail = termination_message(pod)
         if code == 0:
             return Verdict(FAILED, "NoResult", "the trainer exited 0 without reporting a result", word)
-        return Verdict(FAILED, "TrainerError" if code != 2 else "InvalidSpec",
+        return Verdict(FAILED, "TrainerError" if code != INVALID_SPEC_EXIT_CODE else "InvalidSpec",
                        f"the trainer exited with code {code}" + (f": {detail}" if detail else ""), word)
 
     if disruption is not None and pod.get("metadata", {}).get("deletionTimestamp"):

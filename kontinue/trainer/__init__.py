@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 _EXPORTS = {"Predictor": "kontinue.trainer.predictor", "Preempted": "kontinue.trainer.callbacks",
-            "PREEMPTED_EXIT_CODE": "kontinue.trainer.callbacks"}
+            "PREEMPTED_EXIT_CODE": "kontinue.api.contract"}
 
 __all__ = sorted(_EXPORTS)
 

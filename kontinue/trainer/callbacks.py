@@ -11,13 +11,13 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from kontinue.api.contract import PREEMPTED_EXIT_CODE
 from kontinue.trainer.rundir import now
 from kontinue.trainer.signals import STOP_BEFORE_TRAINING
 
 if TYPE_CHECKING:
     from kontinue.trainer.rundir import RunDirectory
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again", the operator's cue to resume
 
 
 class Preempted(SystemExit):

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from kontinue.api.contract import INVALID_SPEC_EXIT_CODE, InvalidInput
 from kontinue.api.manifests import Problem, SpecError, load_manifest, parse_resource
 from kontinue.api.models import TrainingRun, TransferRun
 from kontinue.trainer.signals import defer_stop_signals
@@ -64,14 +65,17 @@ def _load(path: str) -> TrainingRun | TransferRun | None:
 
 
 def _attempt(path: str, run: TrainingRun | TransferRun, run_dir: str, **options: Any) -> Outcome | None:
-    """run_training; a spec the run's inputs refute (a TransferRun's source lacks spec.backbones) is
-    reported like an invalid manifest."""
-    from kontinue.trainer.runner import run_training
+    """run_training; a spec the run's inputs refute (a TransferRun's source lacks spec.backbones, the
+    data has no column a model can use, a family this trainer cannot run) is reported like an invalid
+    manifest, and the caller exits INVALID_SPEC_EXIT_CODE: retrying cannot help."""
+    from kontinue.trainer.runner import run_training, write_termination_message
 
     try:
         return run_training(run, run_dir, **options)
-    except SpecError as error:
-        print(f"{path}: {error}", file=sys.stderr)
+    except (SpecError, InvalidInput) as error:
+        message = str(error) if isinstance(error, SpecError) else f"invalid input: {error}"
+        print(f"{path}: {message}", file=sys.stderr)
+        write_termination_message(message)
         return None
 
 
@@ -83,10 +87,10 @@ def _train(args: argparse.Namespace) -> int:
     _quiet_libraries()
     run = _load(args.spec)
     if run is None:
-        return 2
+        return INVALID_SPEC_EXIT_CODE
     outcome = _attempt(args.spec, run, args.run_dir, scratch=args.scratch, report=report_to_stdout)
     if outcome is None:
-        return 2
+        return INVALID_SPEC_EXIT_CODE
     write_termination_message(outcome)
     print(json.dumps(outcome.__dict__))
     return outcome.exit_code
@@ -99,12 +103,12 @@ def _run(args: argparse.Namespace) -> int:
     _quiet_libraries()
     run = _load(args.manifest)
     if run is None:
-        return 2
+        return INVALID_SPEC_EXIT_CODE
     namespace = run.metadata.namespace or "default"
     run_dir = f"{args.store.rstrip('/')}/{namespace}/{run.metadata.name}"
     outcome = _attempt(args.manifest, run, run_dir, progress_bar=True)
     if outcome is None:
-        return 2
+        return INVALID_SPEC_EXIT_CODE
     if outcome.result == "preempted":
         print(f"\nStopped at step {outcome.step}; the state is saved in {outcome.run_dir}.\n"
               f"Run the same command again to resume.")

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kontinue.storage import open_store
+from kontinue.trainer.backbones import seeded
 
 TABLE_SUFFIXES = {".parquet": pd.read_parquet, ".pq": pd.read_parquet, ".csv": pd.read_csv}
 
@@ -44,19 +45,25 @@ def table_fingerprint(frame: pd.DataFrame) -> str:
     return format(int(pd.util.hash_pandas_object(frame, index=False).sum()) & (2**64 - 1), "016x")
 
 
-class ResumableBatchSampler(Sampler[list[int]]):
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The RNG seed of one sample's augmentation: a function of (run seed, epoch, row) only."""
+    return (seed * 1_000_003 + epoch) * 10_000_019 + index & (2**63 - 1)
+
+
+class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
     """Shuffles by (seed, epoch) with its own generator and can start mid-epoch.
 
-    Its state is the epoch and how many batches of it were trained, so a resumed run sees
-    exactly the batches an uninterrupted run would have seen next. With several processes
-    each rank takes its own slice of every global batch.
+    Yields (row, epoch) pairs, so a row's augmentation can be seeded by the epoch it is seen in.
+    It skips the batches a restored loader state says were trained, so a resumed run sees exactly
+    the batches an uninterrupted run would have seen next. With several processes each rank takes
+    its own slice of every global batch.
     """
 
     def __init__(self, size: int, batch_size: int, *, seed: int, shuffle: bool = True, world_size: int = 1):
         self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
         self.world_size = world_size
         self.epoch = 0
-        self.consumed = 0
+        self.start = 0  # batches of this epoch skipped by the running iteration
         self._skip: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -77,45 +84,81 @@ class ResumableBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return -(-self.size // (self.batch_size * self.world_size))
 
-    def __iter__(self) -> Iterator[list[int]]:
-        start = 0
-        if self._skip is not None and self._skip[0] == self.epoch:
-            start = self._skip[1]
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        self.start = self._skip[1] if self._skip is not None and self._skip[0] == self.epoch else 0
+        return self._batches(self.start, self.epoch)
+
+    def _batches(self, start: int, epoch: int) -> Iterator[list[tuple[int, int]]]:
+        # The skip is spent once batches are drawn: a multi-process DataLoader asks for an iterator
+        # twice and discards the first without drawing from it.
         self._skip = None
         # The rank is asked for here: loaders are built before Lightning starts the process group.
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        for self.consumed, batch in enumerate(self._global_batches()[start:], start=start + 1):
-            yield batch[rank::self.world_size]
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "consumed": self.consumed}
+        for batch in self._global_batches()[start:]:
+            yield [(index, epoch) for index in batch[rank::self.world_size]]
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._skip = (state["epoch"], state["consumed"])
 
 
 class ResumableDataLoader(DataLoader):
-    """A DataLoader Lightning treats as stateful, so its position is part of every checkpoint."""
+    """A DataLoader Lightning treats as stateful, so its position is part of every checkpoint.
+
+    The position counts the batches this loader handed to the training loop, not the ones its
+    sampler produced: worker processes fetch batches ahead, and those are not trained yet.
+    """
+
+    batch_sampler: ResumableBatchSampler
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = super().__iter__()  # asks the sampler for its iterator, which fixes `start`
+        self._epoch, self._delivered = self.batch_sampler.epoch, self.batch_sampler.start
+        for batch in batches:
+            self._delivered += 1
+            yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return self.batch_sampler.state_dict()
+        return {"epoch": getattr(self, "_epoch", self.batch_sampler.epoch),
+                "consumed": getattr(self, "_delivered", 0)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.batch_sampler.load_state_dict(state)
 
 
-class EncodedDataset(Dataset):
-    """Rows already turned into model inputs; encoding once up front keeps steps cheap."""
+class RowDataset(Dataset):
+    """Rows as each backbone's processor prepared them; `transform` runs per item (in the workers),
+    under RNG states seeded by (seed, epoch, row) when training, so augmentation is reproducible."""
 
-    def __init__(self, features: list[dict[str, Any]], targets: torch.Tensor | None):
-        self.features, self.targets = features, targets
+    def __init__(self, rows: dict[str, list[dict[str, Any]]], processors: dict[str, Any],
+                 targets: torch.Tensor | None, *, seed: int, training: bool):
+        self.rows, self.processors, self.targets = rows, processors, targets
+        self.seed, self.training = seed, training
+        self.size = len(next(iter(rows.values()))) if rows else 0
 
     def __len__(self) -> int:
-        return len(self.features)
+        return self.size
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = dict(self.features[index])
-        item["index"] = index
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, epoch = key
+        item: dict[str, Any] = {"index": index}
+        with seeded(sample_seed(self.seed, epoch, index) if self.training else None):
+            for name, processor in self.processors.items():
+                item[name] = processor.transform(self.rows[name][index], training=self.training)
         if self.targets is not None:
             item["target"] = self.targets[index]
         return item
+
+
+class Collate:
+    """Batches items: each backbone's processor collates its own part."""
+
+    def __init__(self, processors: dict[str, Any], with_targets: bool):
+        self.processors, self.with_targets = processors, with_targets
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = {"index": torch.tensor([item["index"] for item in items])}
+        for name, processor in self.processors.items():
+            batch.update(processor.collate([item[name] for item in items]))
+        if self.with_targets:
+            batch["target"] = torch.stack([item["target"] for item in items])
+        return batch

@@ -10,15 +10,20 @@ import torch
 from torch import nn
 
 from kontinue.trainer.backbones import Backbone
+from kontinue.trainer.heads import create_head
 from kontinue.trainer.problem import Problem
 
 
 class PredictorModule(pl.LightningModule):
+    """Family-agnostic: backbones make features, the head (linear or fusion_mlp) the outputs, and the
+    problem owns the targets, the loss and the metrics."""
+
     def __init__(self, backbones: dict[str, Backbone], problem: Problem, hyperparameters: dict[str, Any],
                  total_steps: int = 1):
         super().__init__()
         self.backbones = nn.ModuleDict(backbones)
-        self.head = nn.Linear(sum(b.out_features for b in backbones.values()), problem.num_outputs)
+        self.head = create_head([b.out_features for b in backbones.values()], problem.num_outputs,
+                                hyperparameters["model.names"], hyperparameters)
         self.problem = problem
         self.hyperparameters = hyperparameters
         self.total_steps = total_steps
@@ -27,8 +32,7 @@ class PredictorModule(pl.LightningModule):
         self.train()  # transformers returns encoders in eval mode; dropout must be on while training
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        features = [backbone(batch) for backbone in self.backbones.values()]
-        return self.head(torch.cat(features, dim=-1) if len(features) > 1 else features[0])
+        return self.head([backbone(batch) for backbone in self.backbones.values()])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.problem.loss(self(batch), batch["target"])

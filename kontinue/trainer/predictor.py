@@ -1,9 +1,13 @@
-"""An AutoMM-MultiModalPredictor-shaped predictor whose runs survive preemption exactly."""
+"""An AutoMM-MultiModalPredictor-shaped predictor whose runs survive preemption exactly.
+
+The Predictor is the user-facing API only: which models are built is `model`, how the Lightning
+Trainer is assembled is `fitting`, batches come from `data`, what state a run directory is in is
+`RunDirectory.state`, and the files are `rundir`'s.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import math
 import shutil
@@ -14,20 +18,22 @@ import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import torch
-from lightning.pytorch.callbacks import EarlyStopping
 from torch.utils.data import DataLoader
 
+from kontinue.api.contract import InvalidInput
+from kontinue.api.families import family_of
 from kontinue.api.hyperparameters import validate_hyperparameters
-from kontinue.trainer.backbones import Backbone, create_backbone
-from kontinue.trainer.callbacks import BestModel, RandomState, ResumePoints, StatusReporter
-from kontinue.trainer.data import (EncodedDataset, ResumableBatchSampler, ResumableDataLoader, as_table,
+from kontinue.trainer.columns import column_roles
+from kontinue.trainer.data import (Collate, ResumableBatchSampler, ResumableDataLoader, RowDataset, as_table,
                                    table_fingerprint)
+from kontinue.trainer.fitting import build_trainer, devices, state_fingerprint
+from kontinue.trainer.model import build_module, rebuild_module, save_assets, select_models
 from kontinue.trainer.module import PredictorModule
 from kontinue.trainer.problem import Problem
-from kontinue.trainer.rundir import RunDirectory, now
+from kontinue.trainer.rundir import COMPLETED, EMPTY, UNSTARTED, RunDirectory, now
 
 log = logging.getLogger("kontinue.trainer")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: column roles, several families; version 1 directories (hf_text only) still load
 
 
 def _default_path() -> Path:
@@ -68,6 +74,10 @@ class Predictor:
             self._run_dir = RunDirectory(_default_path())
         return self._run_dir
 
+    def use_run_directory(self, run_dir: RunDirectory) -> None:
+        """Where the next fit writes: a TrainingRun's run directory instead of a path."""
+        self._run_dir = run_dir
+
     @property
     def problem(self) -> Problem:
         if self._problem is None or self._module is None:
@@ -78,65 +88,66 @@ class Predictor:
     def class_labels(self) -> list[Any] | None:
         return self.problem.classes or None
 
+    @property
+    def column_types(self) -> dict[str, str]:
+        """The role of each column the models use (AutoMM's column types)."""
+        self.problem  # noqa: B018 -- "not fitted yet"
+        return dict(self._metadata.get("column_roles") or {})
+
     # -- fit -----------------------------------------------------------------------------------------
     def fit(self, train_data: pd.DataFrame | str, tuning_data: pd.DataFrame | str | None = None,
             time_limit: float | None = None, hyperparameters: dict[str, Any] | None = None,
-            seed: int = 0, holdout_frac: float = 0.1) -> "Predictor":
+            seed: int = 0, holdout_frac: float = 0.1, column_types: dict[str, str] | None = None) -> "Predictor":
         train_data, tuning_data = as_table(train_data), as_table(tuning_data)
         if self._resume:
             return self._fit_resumed(train_data, tuning_data, time_limit)
         continuing = self._module is not None  # AutoMM use case 1: keep training a fitted predictor
-        if self.run_dir.read_metadata() is not None:
-            if not (self.run_dir.has_resume_point() or self.run_dir.has_best_model()):
-                # also a continueFrom run retried after dying before its first resume point: it
-                # starts over in its own run directory, not in a new path
-                log.info("%s holds a run that never saved a step; starting it over", self.path)
-            elif continuing:
-                log.info("continuing from the fitted weights of %s into a new path", self.path)
-                self._run_dir = RunDirectory(_default_path())
-            else:
-                raise ValueError(f"path: {self.path} already holds a predictor; use Predictor.load(path, "
-                                 "resume=True) to continue it, or choose a new path")
+        state = self.run_dir.state()
+        if state == UNSTARTED:
+            # also a continueFrom run retried after dying before its first resume point: it
+            # starts over in its own run directory, not in a new path
+            log.info("%s holds a run that never saved a step; starting it over", self.path)
+        elif state != EMPTY and continuing:
+            log.info("continuing from the fitted weights of %s into a new path", self.path)
+            self._run_dir = RunDirectory(_default_path())
+        elif state != EMPTY:
+            raise InvalidInput("path", f"{self.path} already holds a predictor; use Predictor.load(path, "
+                               "resume=True) to continue it, or choose a new path")
         if self.label is None:
-            raise ValueError("label: the predictor needs the name of the label column")
+            raise InvalidInput("label", "the predictor needs the name of the label column")
         base = self._metadata["hyperparameters"] if continuing else self.hyperparameters
         hp = validate_hyperparameters({**base, **(hyperparameters or {})})
         pl.seed_everything(seed, workers=True, verbose=False)
         if continuing:
-            problem, module, columns = self.problem, self._module, self._metadata["columns"]
+            problem, module = self.problem, self._module
+            columns, roles = self._metadata["columns"], self._metadata.get("column_roles")
             problem.encode(train_data[self.label])  # the classes must be the ones it was trained on
             module.hyperparameters = hp
         else:
             problem = Problem.from_data(self.label, train_data, self.problem_type, self.eval_metric)
-            backbones = {prefix: create_backbone(prefix, hp) for prefix in hp["model.names"]}
-            columns = {prefix: backbone.columns(train_data, self.label) for prefix, backbone in backbones.items()}
-            for prefix, backbone in backbones.items():
-                backbone.text_columns = columns[prefix]
-            module = PredictorModule(backbones, problem, hp)
+            roles = column_roles(train_data, [self.label], column_types)
+            columns = select_models(hp["model.names"], roles, problem.problem_type)
+            module = build_module(hp, problem, columns, train_data)
         if tuning_data is None:
             tuning_data = train_data.sample(frac=holdout_frac, random_state=seed)
             train_data = train_data.drop(tuning_data.index)
         self._problem, self._module = problem, module
         self._metadata = {
             "version": FORMAT_VERSION, "label": self.label, "problem": problem.to_dict(),
-            "hyperparameters": hp, "columns": columns, "seed": seed, "time_limit": time_limit,
-            "holdout_frac": holdout_frac, "data_fingerprint": table_fingerprint(train_data), "created": now(),
+            "hyperparameters": hp, "columns": columns, "column_roles": roles, "seed": seed,
+            "time_limit": time_limit, "holdout_frac": holdout_frac,
+            "data_fingerprint": table_fingerprint(train_data), "created": now(),
             "continued": continuing,  # its starting weights are another predictor's, not checkpoint_name's
         }
-        for prefix, backbone in module.backbones.items():
-            backbone.save_assets(self.run_dir.path / "assets" / prefix)
+        save_assets(module, self.run_dir.path / "assets")
         self.run_dir.write_metadata(self._metadata)
         self.run_dir.update_status(phase="Pending", started=now())
         return self._train(train_data, tuning_data, time_limit, ckpt_path=None)
 
-    def use_run_directory(self, run_dir: RunDirectory) -> None:
-        """Where the next fit writes: a TrainingRun's run directory instead of a path."""
-        self._run_dir = run_dir
-
     def _fit_resumed(self, train_data, tuning_data, time_limit) -> "Predictor":
         metadata = self._metadata
         self._resume = False
-        if not self.run_dir.has_resume_point() and "lastCheckpoint" not in self.run_dir.status:
+        if self.run_dir.state() == UNSTARTED:
             # Stopped before its first resume point (killed during set-up): nothing was trained.
             if metadata.get("continued"):
                 raise FileNotFoundError(
@@ -145,7 +156,8 @@ class Predictor:
             log.info("%s was stopped before its first resume point; starting it over", self.run_dir.uri)
             self._module, self.hyperparameters = None, dict(metadata["hyperparameters"])
             return self.fit(train_data, tuning_data, time_limit=time_limit or metadata["time_limit"],
-                            seed=metadata["seed"], holdout_frac=metadata["holdout_frac"])
+                            seed=metadata["seed"], holdout_frac=metadata["holdout_frac"],
+                            column_types=metadata.get("column_roles"))
         if tuning_data is None:  # the same hold-out as the first attempt
             tuning_data = train_data.sample(frac=metadata["holdout_frac"], random_state=metadata["seed"])
             train_data = train_data.drop(tuning_data.index)
@@ -162,39 +174,18 @@ class Predictor:
 
     def _train(self, train_data, tuning_data, time_limit, ckpt_path) -> "Predictor":
         hp, problem, module = self._metadata["hyperparameters"], self.problem, self._module
-        accelerator, devices, strategy, precision = _devices(hp)
-        world_size = devices if isinstance(devices, int) else 1
+        _, device_count, _, _ = devices(hp)
+        world_size = device_count if isinstance(device_count, int) else 1
         per_device = int(hp["env.per_gpu_batch_size"])
         accumulate = max(1, int(hp["env.batch_size"]) // (per_device * world_size))
-        train_loader = self._loader(train_data, shuffle=True, batch_size=per_device, world_size=world_size)
-        val_loader = self._loader(tuning_data, shuffle=False, batch_size=per_device * hp["env.eval_batch_size_ratio"],
-                                  world_size=world_size)
+        train_loader = self._loader(train_data, training=True, batch_size=per_device, world_size=world_size)
+        val_loader = self._loader(tuning_data, training=False, world_size=world_size,
+                                  batch_size=per_device * hp["env.eval_batch_size_ratio"])
         steps_per_epoch = math.ceil(len(train_loader) / accumulate)
         total = steps_per_epoch * hp["optim.max_epochs"]
         module.total_steps = min(total, hp["optim.max_steps"]) if hp["optim.max_steps"] > 0 else total
-        interval = hp["optim.val_check_interval"]
-        run_dir = self.run_dir
-        callbacks = [
-            RandomState(),
-            BestModel(run_dir, problem.higher_is_better),
-            StatusReporter(run_dir),
-            EarlyStopping(monitor="val_score", mode="max" if problem.higher_is_better else "min",
-                          patience=hp["optim.patience"], check_on_train_epoch_end=False),
-            # Last: a resume point taken at a validation must hold what the callbacks above made of it
-            # (else a resumed run forgets that validation's best model), and an attempt stopped at its
-            # first resume point must already be recorded in status.json.
-            ResumePoints(run_dir, hp["env.checkpoint_every_n_steps"], hp["env.checkpoint_every_n_minutes"]),
-        ]
-        trainer = pl.Trainer(
-            accelerator=accelerator, devices=devices, strategy=strategy, precision=precision,
-            max_epochs=hp["optim.max_epochs"], max_steps=hp["optim.max_steps"],
-            max_time=dt.timedelta(seconds=time_limit) if time_limit else None,
-            accumulate_grad_batches=accumulate, gradient_clip_val=hp["optim.gradient_clip_val"] or None,
-            val_check_interval=min(1.0, interval) if interval <= 1 else int(interval),
-            callbacks=callbacks, logger=False, enable_checkpointing=False, num_sanity_val_steps=0,
-            enable_progress_bar=self._progress_bar(), enable_model_summary=False,
-            use_distributed_sampler=False, default_root_dir=str(run_dir.path),
-        )
+        trainer = build_trainer(hp, self.run_dir, problem, accumulate=accumulate, time_limit=time_limit,
+                                progress_bar=self._progress_bar())
         module.train()  # predict/evaluate leave it in eval mode, and Lightning does not switch it back
         trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None,
                     weights_only=True)
@@ -218,33 +209,23 @@ class Predictor:
     def _progress_bar(self) -> bool:
         return self.verbosity >= 2 if self.enable_progress_bar is None else self.enable_progress_bar
 
-    def _loader(self, data: pd.DataFrame, *, shuffle: bool, batch_size: int, world_size: int = 1,
+    def _loader(self, data: pd.DataFrame, *, training: bool, batch_size: int, world_size: int = 1,
                 with_targets: bool = True) -> DataLoader:
-        module = self._module
-        backbones: dict[str, Backbone] = dict(module.backbones)
-        encoded = [backbone.encode(data) for backbone in backbones.values()]
-        features = [dict(pair for part in row for pair in part.items()) for row in zip(*encoded)]
+        processors = {name: backbone.processor for name, backbone in self._module.backbones.items()}
+        rows = {name: processor.prepare(data) for name, processor in processors.items()}
         targets = self.problem.encode(data[self.label]) if with_targets else None
-
-        def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-            batch = {"index": torch.tensor([item["index"] for item in items])}
-            for backbone in backbones.values():
-                batch.update(backbone.collate(items))
-            if with_targets:
-                batch["target"] = torch.stack([item["target"] for item in items])
-            return batch
-
-        sampler = ResumableBatchSampler(len(features), batch_size, seed=self._metadata["seed"], shuffle=shuffle,
-                                        world_size=world_size)
-        return ResumableDataLoader(EncodedDataset(features, targets), batch_sampler=sampler, collate_fn=collate,
+        seed = self._metadata["seed"]
+        dataset = RowDataset(rows, processors, targets, seed=seed, training=training)
+        sampler = ResumableBatchSampler(len(data), batch_size, seed=seed, shuffle=training, world_size=world_size)
+        return ResumableDataLoader(dataset, batch_sampler=sampler, collate_fn=Collate(processors, with_targets),
                                    num_workers=self._metadata["hyperparameters"]["env.num_workers"],
-                                   generator=torch.Generator().manual_seed(self._metadata["seed"]))
+                                   generator=torch.Generator().manual_seed(seed))
 
     # -- inference -----------------------------------------------------------------------------------
     def _outputs(self, data: pd.DataFrame, with_targets: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.problem  # noqa: B018 -- "not fitted yet" rather than a TypeError below
         hp = self._metadata["hyperparameters"]
-        loader = self._loader(data, shuffle=False, with_targets=with_targets,
+        loader = self._loader(data, training=False, with_targets=with_targets,
                               batch_size=hp["env.per_gpu_batch_size"] * hp["env.eval_batch_size_ratio"])
         device = torch.device("cuda" if torch.cuda.is_available() and hp["env.num_gpus"] != 0 else "cpu")
         module = self._module.to(device).eval()
@@ -270,8 +251,8 @@ class Predictor:
 
     def predict_proba(self, data: pd.DataFrame | str, as_pandas: bool = True,
                       as_multiclass: bool = True) -> pd.DataFrame | np.ndarray:
-        if self.problem.problem_type == "regression":
-            raise ValueError("predict_proba: a regression predictor has no class probabilities")
+        if not hasattr(self.problem, "probabilities"):
+            raise InvalidInput("predict_proba", f"a {self.problem.problem_type} predictor has no class probabilities")
         data = as_table(data)
         outputs, _ = self._outputs(data, with_targets=False)
         probabilities = self.problem.probabilities(outputs).numpy()
@@ -289,21 +270,17 @@ class Predictor:
         metadata = run_dir.read_metadata()
         if metadata is None:
             raise FileNotFoundError(f"path: {run_dir.path} holds no kontinue predictor (kontinue.json missing)")
-        problem = Problem(**metadata["problem"])
+        problem = Problem.from_dict(metadata["problem"])
         predictor = cls(label=metadata["label"], problem_type=problem.problem_type,
                         eval_metric=problem.eval_metric, run_dir=run_dir)
         predictor._problem, predictor._metadata = problem, metadata
-        hp = metadata["hyperparameters"]
-        backbones = {}
-        for prefix in hp["model.names"]:
-            backbones[prefix] = create_backbone(prefix, hp, assets_dir=run_dir.path / "assets" / prefix,
-                                                pretrained=False)
-            backbones[prefix].text_columns = metadata["columns"][prefix]
-        predictor._module = PredictorModule(backbones, problem, hp)
+        hp = validate_hyperparameters(metadata["hyperparameters"])
+        predictor._module = rebuild_module(hp, problem, metadata["columns"], run_dir.path / "assets")
+        state = run_dir.state()
         if resume:
-            if run_dir.status.get("phase") == "Succeeded" and not run_dir.has_resume_point():
-                raise ValueError(f"path: training in {run_dir.path} is already completed; "
-                                 "load it with resume=False")
+            if state == COMPLETED:
+                raise InvalidInput("path", f"training in {run_dir.path} is already completed; load it with "
+                                   "resume=False")
             predictor._resume = True
         elif run_dir.has_best_model():
             predictor._module.load_state_dict(run_dir.load_best_model()["state_dict"])
@@ -322,45 +299,15 @@ class Predictor:
         shutil.copytree(self.run_dir.path / "assets", target / "assets", dirs_exist_ok=True)
 
     def dump_model(self, save_path: str | Path | None = None) -> str:
-        """Writes each backbone in its library's own format: `<save_path>/hf_text/` etc."""
+        """Writes each dumped backbone in its library's own format: `<save_path>/hf_text/`,
+        `timm_image/`, ... (tabular towers and the fusion head are not dumped, as in AutoMM)."""
         self.problem  # noqa: B018 -- "not fitted yet" rather than an AttributeError below
         target = Path(save_path) if save_path else self.run_dir.path / "dump"
-        for prefix, backbone in self._module.backbones.items():
-            backbone.dump(target / prefix)
+        for name, backbone in self._module.backbones.items():
+            if family_of(name).dumped:
+                backbone.dump(target / name)
         if target.absolute() == self.run_dir.path / "dump":  # a dump elsewhere leaves the run's status alone
             if self.run_dir.remote is not None:
                 self.run_dir.remote.sync_up(target, "dump")
             self.run_dir.update_status(dumpedModel=f"{self.run_dir.uri.rstrip('/')}/dump")
         return str(target)
-
-
-def state_fingerprint(module: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> str:
-    """sha256 of the trained weights and optimizer state: equal only if the runs ended bit-identical."""
-    digest = hashlib.sha256()
-
-    def feed(name: str, value: Any) -> None:
-        digest.update(name.encode())
-        if isinstance(value, torch.Tensor):
-            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(value, dict):
-            for key in sorted(value, key=str):
-                feed(f"{name}.{key}", value[key])
-        else:
-            digest.update(repr(value).encode())
-
-    feed("model", module.state_dict())
-    for index, optimizer in enumerate(optimizers):
-        feed(f"optimizer{index}", optimizer.state_dict()["state"])
-    return digest.hexdigest()
-
-
-def _devices(hp: dict[str, Any]) -> tuple[str, int | str, str, str]:
-    """Every visible GPU (DDP across them, bf16 where supported), else the CPU."""
-    available = torch.cuda.device_count()
-    wanted = available if hp["env.num_gpus"] < 0 else min(available, hp["env.num_gpus"])
-    precision = str(hp["env.precision"])
-    if wanted == 0:
-        return "cpu", 1, "auto", "32-true" if precision == "auto" else precision
-    if precision == "auto":
-        precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "gpu", wanted, "ddp" if wanted > 1 else "auto", precision

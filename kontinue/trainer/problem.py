@@ -1,26 +1,22 @@
-"""What is being predicted: problem type inference, label encoding and metrics."""
+"""What is being predicted: one class per kind of problem owns its targets, loss, outputs and metrics."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
 from torchmetrics import functional as tmf
 
-BINARY, MULTICLASS, REGRESSION = "binary", "multiclass", "regression"
+from kontinue.api.contract import InvalidInput
+from kontinue.api.families import BINARY, METRIC_ALIASES, METRICS, MULTICLASS, PROBLEM_TYPES, REGRESSION
+
 CLASSIFICATION = (BINARY, MULTICLASS)
 DEFAULT_METRIC = {BINARY: "roc_auc", MULTICLASS: "accuracy", REGRESSION: "rmse"}
-METRIC_ALIASES = {"acc": "accuracy"}
 HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "roc_auc": True, "log_loss": False, "rmse": False,
-                    "mae": False, "r2": True, "pearsonr": True, "spearmanr": True}
-METRICS_FOR = {
-    BINARY: ("accuracy", "f1", "roc_auc", "log_loss"),
-    MULTICLASS: ("accuracy", "f1", "log_loss"),
-    REGRESSION: ("rmse", "mae", "r2", "pearsonr", "spearmanr"),
-}
+                    "mae": False, "r2": True, "pearsonr": True, "spearmanr": True, "map": True, "map_50": True}
 
 
 def canonical_metric(name: str) -> str:
@@ -46,92 +42,83 @@ class Problem:
     label: str
     problem_type: str
     eval_metric: str
-    classes: list[Any] = field(default_factory=list)
-    target_mean: float = 0.0
-    target_std: float = 1.0
+    kinds: ClassVar[tuple[str, ...]] = ()
 
-    @classmethod
-    def from_data(cls, label: str, data: pd.DataFrame, problem_type: str | None,
-                  eval_metric: str | None) -> "Problem":
+    @staticmethod
+    def from_data(label: str, data: pd.DataFrame, problem_type: str | None, eval_metric: str | None) -> "Problem":
         if label not in data.columns:
-            raise ValueError(f"label: column {label!r} is not in the data (columns: {list(data.columns)})")
+            raise InvalidInput("label", f"column {label!r} is not in the data (columns: {list(data.columns)})")
         labels = data[label]
         if labels.isna().any():
-            raise ValueError(f"label: column {label!r} has {int(labels.isna().sum())} missing values")
+            raise InvalidInput("label", f"column {label!r} has {int(labels.isna().sum())} missing values")
         problem_type = problem_type or infer_problem_type(labels)
-        if problem_type not in METRICS_FOR:
-            raise ValueError(f"problem_type: {problem_type!r} is not supported by the text trainer; "
-                             f"use one of {sorted(METRICS_FOR)}")
+        if problem_type not in PROBLEM_TYPES:
+            raise InvalidInput("problem_type", f"{problem_type!r} is not supported by this trainer; "
+                               f"use one of {list(PROBLEM_TYPES)}")
         metric = canonical_metric(eval_metric or DEFAULT_METRIC[problem_type])
-        if metric not in METRICS_FOR[problem_type]:
-            raise ValueError(f"eval_metric: {metric!r} does not fit problem_type {problem_type!r}; "
-                             f"use one of {list(METRICS_FOR[problem_type])}")
-        problem = cls(label, problem_type, metric)
-        if problem_type in CLASSIFICATION:
-            problem.classes = sorted(labels.unique().tolist(), key=lambda value: (str(type(value)), value))
-            if problem_type == BINARY and len(problem.classes) != 2:
-                raise ValueError(f"problem_type: binary needs 2 classes, column {label!r} has "
-                                 f"{len(problem.classes)}")
-        else:
-            values = labels.astype(float)
-            problem.target_mean, problem.target_std = float(values.mean()), float(values.std() or 1.0)
-        return problem
+        if metric not in METRICS[problem_type]:
+            raise InvalidInput("eval_metric", f"{metric!r} does not fit problem_type {problem_type!r}; "
+                               f"use one of {list(METRICS[problem_type])}")
+        kind = next(cls for cls in (ClassificationProblem, RegressionProblem) if problem_type in cls.kinds)
+        return kind.learn(label, problem_type, metric, labels)
 
-    @property
-    def num_outputs(self) -> int:
-        return len(self.classes) if self.problem_type in CLASSIFICATION else 1
+    @staticmethod
+    def from_dict(values: dict[str, Any]) -> "Problem":
+        kind = ClassificationProblem if values["problem_type"] in CLASSIFICATION else RegressionProblem
+        return kind(**{key: value for key, value in values.items() if key in kind.__dataclass_fields__})
 
     @property
     def higher_is_better(self) -> bool:
         return HIGHER_IS_BETTER[self.eval_metric]
 
+    def score(self, outputs: torch.Tensor, targets: torch.Tensor, metrics: list[str] | None = None) -> dict[str, float]:
+        """Metrics on a whole evaluation set, in the label's own units."""
+        names = [canonical_metric(name) for name in (metrics or METRICS[self.problem_type])]
+        results = {}
+        for name in names:
+            if name not in METRICS[self.problem_type]:
+                raise InvalidInput("metrics", f"{name!r} does not fit problem_type {self.problem_type!r}")
+            results[name] = float(self._metric(name, outputs.float(), targets))
+        return results
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ClassificationProblem(Problem):
+    classes: list[Any] = field(default_factory=list)
+    kinds: ClassVar[tuple[str, ...]] = CLASSIFICATION
+
+    @classmethod
+    def learn(cls, label: str, problem_type: str, metric: str, labels: pd.Series) -> "ClassificationProblem":
+        classes = sorted(labels.unique().tolist(), key=lambda value: (str(type(value)), value))
+        if problem_type == BINARY and len(classes) != 2:
+            raise InvalidInput("problem_type", f"binary needs 2 classes, column {label!r} has {len(classes)}")
+        return cls(label, problem_type, metric, classes)
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.classes)
+
     def encode(self, labels: pd.Series) -> torch.Tensor:
-        if self.problem_type in CLASSIFICATION:
-            lookup = {value: index for index, value in enumerate(self.classes)}
-            unknown = set(labels.unique()) - set(lookup)
-            if unknown:
-                raise ValueError(f"label: values {sorted(map(str, unknown))[:5]} were not seen in training")
-            return torch.tensor([lookup[value] for value in labels], dtype=torch.long)
-        values = labels.astype(float).to_numpy()
-        return torch.tensor((values - self.target_mean) / self.target_std, dtype=torch.float32)
+        lookup = {value: index for index, value in enumerate(self.classes)}
+        unknown = set(labels.unique()) - set(lookup)
+        if unknown:
+            raise InvalidInput("label", f"values {sorted(map(str, unknown))[:5]} were not seen in training")
+        return torch.tensor([lookup[value] for value in labels], dtype=torch.long)
 
     def decode(self, outputs: torch.Tensor) -> np.ndarray:
-        """Model outputs to label values (class names, or de-standardised numbers)."""
-        if self.problem_type in CLASSIFICATION:
-            # the label's own dtype (int64 for 0/1 labels), as AutoMM returns; object only for mixed types
-            return pd.Series(self.classes).to_numpy()[outputs.argmax(dim=-1).numpy()]
-        return outputs.squeeze(-1).double().numpy() * self.target_std + self.target_mean
+        # the label's own dtype (int64 for 0/1 labels), as AutoMM returns; object only for mixed types
+        return pd.Series(self.classes).to_numpy()[outputs.argmax(dim=-1).numpy()]
 
     def probabilities(self, outputs: torch.Tensor) -> torch.Tensor:
         return torch.softmax(outputs.float(), dim=-1)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.problem_type in CLASSIFICATION:
-            return torch.nn.functional.cross_entropy(outputs.float(), targets)
-        return torch.nn.functional.mse_loss(outputs.float().squeeze(-1), targets)
-
-    def score(self, outputs: torch.Tensor, targets: torch.Tensor, metrics: list[str] | None = None) -> dict[str, float]:
-        """Metrics on a whole evaluation set, in the label's own units."""
-        names = [canonical_metric(name) for name in (metrics or METRICS_FOR[self.problem_type])]
-        outputs, targets = outputs.float(), targets
-        results = {}
-        for name in names:
-            if name not in METRICS_FOR[self.problem_type]:
-                raise ValueError(f"metrics: {name!r} does not fit problem_type {self.problem_type!r}")
-            results[name] = float(self._metric(name, outputs, targets))
-        return results
+        return torch.nn.functional.cross_entropy(outputs.float(), targets)
 
     def _metric(self, name: str, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.problem_type == REGRESSION:
-            predicted = outputs.squeeze(-1) * self.target_std + self.target_mean
-            actual = targets.float() * self.target_std + self.target_mean
-            return {
-                "rmse": lambda: tmf.mean_squared_error(predicted, actual).sqrt(),
-                "mae": lambda: tmf.mean_absolute_error(predicted, actual),
-                "r2": lambda: tmf.r2_score(predicted, actual),
-                "pearsonr": lambda: tmf.pearson_corrcoef(predicted, actual),
-                "spearmanr": lambda: tmf.spearman_corrcoef(predicted, actual),
-            }[name]()
         probabilities = self.probabilities(outputs)
         if name == "log_loss":
             return torch.nn.functional.nll_loss(probabilities.clamp_min(1e-15).log(), targets)
@@ -149,5 +136,38 @@ class Problem:
                                        average="macro"),
         }[name]()
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+@dataclass
+class RegressionProblem(Problem):
+    target_mean: float = 0.0
+    target_std: float = 1.0
+    kinds: ClassVar[tuple[str, ...]] = (REGRESSION,)
+
+    @classmethod
+    def learn(cls, label: str, problem_type: str, metric: str, labels: pd.Series) -> "RegressionProblem":
+        values = labels.astype(float)
+        return cls(label, problem_type, metric, float(values.mean()), float(values.std() or 1.0))
+
+    num_outputs = 1
+    classes: ClassVar[list[Any]] = []
+
+    def encode(self, labels: pd.Series) -> torch.Tensor:
+        values = labels.astype(float).to_numpy()
+        return torch.tensor((values - self.target_mean) / self.target_std, dtype=torch.float32)
+
+    def decode(self, outputs: torch.Tensor) -> np.ndarray:
+        return outputs.squeeze(-1).double().numpy() * self.target_std + self.target_mean
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(outputs.float().squeeze(-1), targets)
+
+    def _metric(self, name: str, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        predicted = outputs.squeeze(-1) * self.target_std + self.target_mean
+        actual = targets.float() * self.target_std + self.target_mean
+        return {
+            "rmse": lambda: tmf.mean_squared_error(predicted, actual).sqrt(),
+            "mae": lambda: tmf.mean_absolute_error(predicted, actual),
+            "r2": lambda: tmf.r2_score(predicted, actual),
+            "pearsonr": lambda: tmf.pearson_corrcoef(predicted, actual),
+            "spearmanr": lambda: tmf.spearman_corrcoef(predicted, actual),
+        }[name]()

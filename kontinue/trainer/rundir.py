@@ -28,6 +28,11 @@ log = logging.getLogger("kontinue.trainer")
 
 METADATA, STATUS, LAST, PREVIOUS, BEST = "kontinue.json", "status.json", "last.ckpt", "previous.ckpt", "model.ckpt"
 RESUME_POINTS = (LAST, PREVIOUS)
+# What a run directory holds, decided in one place (RunDirectory.state):
+EMPTY = "empty"            # no predictor
+UNSTARTED = "unstarted"    # set up, stopped before its first resume point: nothing was trained
+RESUMABLE = "resumable"    # a resume point was taken: continue from it (Predictor.load(resume=True))
+COMPLETED = "completed"    # trained: model.ckpt holds the result
 
 
 def now() -> str:
@@ -165,6 +170,15 @@ class RunDirectory:
                 continue
             return self.path / name
         return None
+
+    def state(self) -> str:
+        if self.read_metadata() is None:
+            return EMPTY
+        if self.has_resume_point() or (self.status.get("lastCheckpoint") and self.status.get("phase") != "Succeeded"):
+            return RESUMABLE  # with its checkpoints lost, resuming fails loudly rather than starting over
+        if self.status.get("phase") == "Succeeded" or self.has_best_model():
+            return COMPLETED
+        return UNSTARTED
 
     def has_resume_point(self) -> bool:
         stores = [self.remote] if self.remote is not None else [self.local]

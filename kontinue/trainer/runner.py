@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kontinue.api.manifests import Problem, SpecError
-from kontinue.api.models import BACKBONES, ModelSource, TrainingRun, TrainingRunSpec, TransferRun, TransferRunSpec
+from kontinue.api.families import family_of
+from kontinue.api.models import ModelSource, TrainingRun, TrainingRunSpec, TransferRun, TransferRunSpec
 from kontinue.api.reports import status_line
 from kontinue.storage import LocalStore, Store, open_store
-from kontinue.trainer.callbacks import PREEMPTED_EXIT_CODE, Preempted
+from kontinue.api.contract import PREEMPTED_EXIT_CODE, SUCCEEDED_EXIT_CODE
+from kontinue.trainer.callbacks import Preempted
 from kontinue.trainer.data import read_table
 from kontinue.trainer.predictor import Predictor
 from kontinue.trainer.rundir import BEST, METADATA, STATUS, RunDirectory, open_run_directory
@@ -43,15 +45,17 @@ class Outcome:
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.result == "succeeded" else PREEMPTED_EXIT_CODE
+        return SUCCEEDED_EXIT_CODE if self.result == "succeeded" else PREEMPTED_EXIT_CODE
 
 
-def write_termination_message(outcome: Outcome, path: str | None = None) -> None:
-    """Kubernetes shows this file as the container's termination message (4 KiB at most)."""
+def write_termination_message(outcome: Outcome | str, path: str | None = None) -> None:
+    """Kubernetes shows this file as the container's termination message (4 KiB at most): the
+    Outcome as JSON, or why the spec was refused."""
     path = path or os.environ.get("KONTINUE_TERMINATION_LOG", TERMINATION_LOG)
+    text = outcome if isinstance(outcome, str) else json.dumps(outcome.__dict__)
     if Path(path).parent.is_dir():
         try:
-            Path(path).write_text(json.dumps(outcome.__dict__)[:4096])
+            Path(path).write_text(text[:4096])
         except OSError as error:
             log.debug("no termination message written: %s", error)
 
@@ -80,8 +84,8 @@ def _source_dumps(spec: TransferRunSpec, run_dir_uri: str, scratch: Path) -> tup
     store = open_store(_source_uri(spec.source, run_dir_uri))
     if not store.exists(METADATA):
         raise SpecError([Problem("spec.source", f"{store.uri} holds no kontinue predictor ({METADATA} missing)")])
-    names = json.loads(store.read_text(METADATA))["hyperparameters"]["model.names"]
-    available = [name for name in names if name in BACKBONES]
+    names = list(json.loads(store.read_text(METADATA))["columns"])  # the models it built
+    available = [name for name in names if family_of(name) is not None and family_of(name).dumped]
     missing = [name for name in spec.backbones or () if name not in available]
     if missing:
         raise SpecError([Problem("spec.backbones", f"the source {store.uri} has no {', '.join(missing)} "
@@ -143,6 +147,7 @@ def run_training(run: TrainingRun | TransferRun, run_dir_uri: str, *, scratch: s
         predictor.use_run_directory(run_dir)
     try:
         predictor.fit(train, validation, time_limit=spec.time_limit_seconds(), seed=spec.seed,
+                      column_types=spec.task.column_types or None,
                       hyperparameters=spec.effective_hyperparameters() if _continues(spec) else None)
     except Preempted as stop:
         log.warning("stopped at step %d; the next attempt resumes there", stop.step)

@@ -1,0 +1,21 @@
+"""The trainer-operator contract, defined once: what a trainer process's exit code means.
+
+The status line (kontinue.api.reports) says how a running attempt is doing; the exit code and the
+termination message (the trainer's Outcome as JSON) say how it ended.
+"""
+
+from __future__ import annotations
+
+SUCCEEDED_EXIT_CODE = 0
+INVALID_SPEC_EXIT_CODE = 2   # the spec or its data cannot be trained: never retried
+PREEMPTED_EXIT_CODE = 75     # EX_TEMPFAIL: stopped at a resume point, run me again
+
+
+class InvalidInput(ValueError):
+    """Input the trainer refuses before training (a missing column, a family this trainer cannot run);
+    `field` names what to fix. A trainer pod exits INVALID_SPEC_EXIT_CODE on it, so the operator
+    fails the run as InvalidSpec instead of retrying it as a code failure."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message

@@ -1,0 +1,142 @@
+"""timm_image: any timm architecture over one or more image columns, pooled features averaged
+over the images a row has.
+
+Transforms follow timm's data config (input size, interpolation, mean and std) with AutoMM's
+transform names; the random ones draw from the per-sample RNG state the loader sets up, so
+augmentation is part of the exactly resumed state whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torchvision import transforms as T
+
+from kontinue.api.contract import InvalidInput
+from kontinue.trainer.backbones import Backbone, Processor, register_backbone, resolve_checkpoint_name
+from kontinue.trainer.images import is_missing, load_image
+
+DUMP_CONFIG, DUMP_WEIGHTS = "config.json", "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TimmImageOptions:
+    checkpoint_name: str = "swin_base_patch4_window7_224"
+    image_size: int | None = None  # None: the architecture's own input size
+    train_transforms: tuple[str, ...] = ("resize_shorter_side", "center_crop", "trivial_augment")
+    val_transforms: tuple[str, ...] = ("resize_shorter_side", "center_crop")
+
+
+TRANSFORMS = {
+    "resize_shorter_side": lambda size, interpolation: T.Resize(size, interpolation=interpolation),
+    "resize_to_square": lambda size, interpolation: T.Resize((size, size), interpolation=interpolation),
+    "center_crop": lambda size, interpolation: T.CenterCrop(size),
+    "random_resize_crop": lambda size, interpolation: T.RandomResizedCrop(size, interpolation=interpolation),
+    "random_horizontal_flip": lambda size, interpolation: T.RandomHorizontalFlip(),
+    "random_vertical_flip": lambda size, interpolation: T.RandomVerticalFlip(),
+    "color_jitter": lambda size, interpolation: T.ColorJitter(0.4, 0.4, 0.4),
+    "affine": lambda size, interpolation: T.RandomAffine(15, translate=(0.1, 0.1), scale=(0.9, 1.1)),
+    "trivial_augment": lambda size, interpolation: T.TrivialAugmentWide(interpolation=interpolation),
+}
+
+
+def _source(options: TimmImageOptions, name: str, assets_dir: Path | None) -> tuple[str, Path | None]:
+    """(architecture, dumped folder or None): a dump's config.json names its architecture."""
+    folder = assets_dir or Path(resolve_checkpoint_name(options.checkpoint_name))
+    if folder.is_dir():
+        config_file = folder / DUMP_CONFIG
+        if not config_file.is_file():
+            raise InvalidInput(f"hyperparameters.model.{name}.checkpoint_name",
+                               f"{folder} is not a timm_image dump ({DUMP_CONFIG} missing)")
+        return json.loads(config_file.read_text())["architecture"], (None if assets_dir else folder)
+    return options.checkpoint_name, None
+
+
+class ImageProcessor(Processor):
+    def __init__(self, prefix: str, columns: list[str], options: TimmImageOptions, data_config: dict[str, Any]):
+        super().__init__(prefix, columns)
+        self.options, self.data_config = options, data_config
+        self.image_size = int(data_config["input_size"][-1])
+        self._transforms: dict[bool, T.Compose] = {}
+
+    def _transform(self, training: bool) -> T.Compose:
+        if training not in self._transforms:
+            names = self.options.train_transforms if training else self.options.val_transforms
+            interpolation = T.InterpolationMode(self.data_config.get("interpolation", "bicubic"))
+            steps = [TRANSFORMS[name](self.image_size, interpolation) for name in names]
+            if not any(name in ("center_crop", "random_resize_crop", "resize_to_square") for name in names):
+                steps.append(T.Resize((self.image_size, self.image_size), interpolation=interpolation))
+            steps += [T.ToTensor(), T.Normalize(self.data_config["mean"], self.data_config["std"])]
+            self._transforms[training] = T.Compose(steps)
+        return self._transforms[training]
+
+    def prepare(self, data: pd.DataFrame) -> list[dict[str, Any]]:
+        self.check_columns(data)
+        return [{"images": list(values)} for values in data[self.columns].itertuples(index=False, name=None)]
+
+    def transform(self, row: dict[str, Any], *, training: bool) -> dict[str, Any]:
+        transform = self._transform(training)
+        blank = torch.zeros(3, self.image_size, self.image_size)
+        images = [blank if is_missing(value) else transform(load_image(value)) for value in row["images"]]
+        return {"pixels": torch.stack(images),
+                "valid": torch.tensor([not is_missing(value) for value in row["images"]])}
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return {self.key("pixels"): torch.stack([item["pixels"] for item in items]),
+                self.key("valid"): torch.stack([item["valid"] for item in items])}
+
+
+@register_backbone("timm_image")
+class TimmImageBackbone(Backbone):
+    modality = "image"
+    Options = TimmImageOptions
+
+    def __init__(self, name: str, options: TimmImageOptions, columns: list[str], *,
+                 data: pd.DataFrame | None = None, assets_dir: Path | None = None):
+        super().__init__(name, options)
+        import timm
+
+        self.architecture, dumped = _source(options, name, assets_dir)
+        if not timm.is_model(self.architecture):
+            raise InvalidInput(f"hyperparameters.model.{name}.checkpoint_name",
+                               f"{self.architecture!r} is neither a timm architecture nor a timm_image dump")
+        overlay = {"file": str(dumped / DUMP_WEIGHTS), "num_classes": 0} if dumped else None
+        # Offline: an architecture name starts from random weights; a dump brings its trained ones.
+        self.model = timm.create_model(self.architecture, pretrained=dumped is not None, num_classes=0,
+                                       pretrained_cfg_overlay=overlay)
+        self.out_features = self.model.num_features
+        config = timm.data.resolve_data_config({}, model=self.model)
+        size = int(options.image_size or config["input_size"][-1])
+        self.processor = ImageProcessor(name, columns, options, {**config, "input_size": (3, size, size)})
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        pixels, valid = batch[self.processor.key("pixels")], batch[self.processor.key("valid")]
+        rows, per_row = pixels.shape[:2]
+        features = self.model(pixels.flatten(0, 1)).view(rows, per_row, -1)
+        weights = valid.unsqueeze(-1).to(features.dtype)
+        return (features * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+    def _config(self) -> dict[str, Any]:
+        input_size = list(self.processor.data_config["input_size"])
+        return {"architecture": self.architecture, "num_classes": 0, "num_features": self.out_features,
+                "global_pool": "avg", "pretrained_cfg": {**self.model.pretrained_cfg, "num_classes": 0,
+                                                         "input_size": input_size}}
+
+    def save_assets(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / DUMP_CONFIG).write_text(json.dumps(self._config(), indent=2, default=str))
+
+    def dump(self, directory: Path) -> None:
+        """config.json + model.safetensors, loadable with timm alone:
+        timm.create_model(arch, pretrained=True, num_classes=0,
+                          pretrained_cfg_overlay=dict(file=.../model.safetensors, num_classes=0))"""
+        from safetensors.torch import save_file
+
+        self.save_assets(directory)
+        state = {key: value.detach().cpu().contiguous() for key, value in self.model.state_dict().items()}
+        save_file(state, directory / DUMP_WEIGHTS)
