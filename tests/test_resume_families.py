@@ -1,0 +1,69 @@
+"""Exact resume for every family, with image augmentation on and two data-loader workers: a run
+SIGTERMed at random steps and resumed ends bit-identical to the uninterrupted run (CPU).
+
+Workers fetch batches ahead, and augmentation draws random numbers in them; neither may leak into
+what a resumed run trains on (the loader's position counts the batches it handed out, and each
+sample's augmentation is seeded by run seed, epoch and row)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from kontinue.api.contract import PREEMPTED_EXIT_CODE
+from tests.test_resume import assert_same_outcome, finish, read_status
+from tests.trainer_fixtures import Trainer, training_run
+
+WORKERS = {"env.num_workers": 2}
+
+
+@pytest.fixture(scope="module")
+def digit_tables(tmp_path_factory, digits) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("digit-tables")
+    paths = {"train": root / "train.parquet", "validation": root / "validation.parquet"}
+    columns = ["image", "caption", "ink", "parity", "label"]
+    digits[columns][:96].to_parquet(paths["train"])
+    digits[columns][96:128].to_parquet(paths["validation"])
+    return {name: str(path) for name, path in paths.items()}
+
+
+def manifest(family: str, store: Path, tiny_bert: str, review_tables: dict, digit_tables: dict) -> dict:
+    timm = {"checkpoint": "test_resnet", "imageSize": 32}  # trains with AutoMM's default trivial_augment
+    hp = {**WORKERS, "optim.max_epochs": 2, "env.per_gpu_batch_size": 8, "env.batch_size": 8}
+    if family == "hf_text":
+        return training_run("text", str(store), review_tables, tiny_bert, hyperparameters=WORKERS)
+    run = training_run(family.replace("_", "-"), str(store), digit_tables, tiny_bert, hyperparameters=hp)
+    if family == "timm_image":
+        run["spec"]["model"] = {"timmImage": timm}
+        run["spec"]["task"]["columnTypes"] = {"caption": "categorical"}
+        run["spec"]["hyperparameters"]["model.names"] = ["timm_image"]
+    else:  # text + image + numerical + categorical, fused
+        run["spec"]["model"] = {"hfText": {"checkpoint": tiny_bert, "maxTextLen": 16}, "timmImage": timm}
+        run["spec"]["task"]["columnTypes"] = {"caption": "text"}
+    return run
+
+
+@pytest.mark.parametrize("family", ["hf_text", "timm_image", "fusion"])
+def test_sigterm_at_random_steps_with_augmentation_and_workers_ends_bit_identical(
+        family, tmp_path, tiny_bert, review_tables, digit_tables):
+    run = manifest(family, tmp_path / "store", tiny_bert, review_tables, digit_tables)
+    name = run["metadata"]["name"]
+    reference_dir = tmp_path / "reference" / "tests" / name
+    (tmp_path / "reference").mkdir()
+    reference = Trainer(tmp_path / "reference").attempt(run, str(reference_dir))
+    assert reference.exit_code == 0, reference.output[-3000:]
+    total = read_status(reference_dir)["finalState"]["step"]
+
+    harness, run_dir = Trainer(tmp_path), tmp_path / "store" / "tests" / name
+    seed = random.randrange(1 << 30)
+    rng, stopped_at = random.Random(seed), 0
+    for _ in range(2):
+        attempt = harness.attempt(run, str(run_dir), preempt_after_step=stopped_at + rng.randint(1, total // 3))
+        assert attempt.exit_code == PREEMPTED_EXIT_CODE, f"seed {seed}:\n{attempt.output[-3000:]}"
+        stopped_at = read_status(run_dir)["lastCheckpoint"]["step"]
+        assert stopped_at < total, f"seed {seed}: the run finished before it could be preempted"
+    finish(harness, run, run_dir)
+    status = assert_same_outcome(run_dir, reference_dir)
+    assert [a["outcome"] for a in status["attempts"]] == ["preempted", "preempted", "completed"], f"seed {seed}"
