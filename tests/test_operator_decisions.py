@@ -356,6 +356,21 @@ def test_an_invalid_spec_fails_the_run_naming_the_field_once():
     assert decide(apply(body, plan), [], NOW, SETTINGS).status == {}
 
 
+def test_a_trainer_that_refuses_its_spec_fails_the_run_at_once_without_retries():
+    """Exit code 2: the trainer cannot run this spec (a family it lacks, no usable column); another
+    attempt would be refused the same way, whatever spec.backoffLimit allows."""
+    body = run_body()
+    body["status"] = {"attempt": 1, "currentPod": "sst-1", "podUID": "pod-sst-1", "phase": "Running"}
+    refused = pod_state(phase="Failed", terminated={
+        "exitCode": 2, "reason": "Error", "message": "invalid input: data: no column any model can use"})
+    plan = decide(body, [refused], NOW, SETTINGS)
+    assert plan.status["phase"] == "Failed" and plan.create is None and "nextAttemptTime" not in plan.status
+    assert plan.status["failures"] == 1 and "no column any model can use" in plan.status["message"]
+    failed = next(c for c in plan.status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert [e[1] for e in plan.events] == ["Failed"]
+
+
 def test_a_run_whose_storage_no_volume_holds_fails_as_an_invalid_spec():
     body = run_body(checkpoint={"storage": "/runs/ckpt"})
     plan = decide(body, [], NOW, SETTINGS)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from kontinue.trainer.callbacks import PREEMPTED_EXIT_CODE
+from kontinue.api.contract import INVALID_SPEC_EXIT_CODE, PREEMPTED_EXIT_CODE
 from kontinue.trainer.predictor import Predictor
 from tests.trainer_fixtures import Trainer, signal_when, training_run
 
@@ -103,6 +103,19 @@ def test_run_rejects_an_invalid_manifest_and_trains_nothing(tmp_path, tiny_bert,
     assert "spec.hyperparameters.optim.lrr" in result.stderr
     assert "optim.lr" in result.stderr.replace("optim.lrr", "")  # the close key is suggested
     assert not (store / "tests" / "bad").exists()
+
+
+def test_train_exits_invalid_spec_on_data_no_model_can_use(tmp_path, tiny_bert, review_tables):
+    """A spec that passes the API but that the trainer refuses on its data exits 2 with the reason in
+    its termination message, so the operator fails the run as InvalidSpec instead of retrying it."""
+    termination_log = tmp_path / "termination-log"
+    harness = Trainer(tmp_path, {"KONTINUE_TERMINATION_LOG": str(termination_log)})
+    manifest = training_run("images", str(tmp_path / "store"), review_tables, tiny_bert,
+                            hyperparameters={"model.names": ["timm_image"]})
+    manifest["spec"]["model"] = {"timmImage": {"checkpoint": "test_resnet"}}  # reviews have no image column
+    attempt = harness.attempt(manifest, str(tmp_path / "store" / "tests" / "images"))
+    assert attempt.exit_code == INVALID_SPEC_EXIT_CODE, attempt.output[-3000:]
+    assert "invalid input: data: no column any model can use" in termination_log.read_text()
 
 
 def test_train_writes_the_termination_message(tmp_path, tiny_bert, review_tables):

@@ -276,8 +276,10 @@ def _failed(plan: Plan, run, status, verdict: Verdict, current: str, now, settin
     failures = int(status.get("failures") or 0) + 1
     plan.status.update(failures=failures, currentPod=None, podUID=None, podReason=None, podGoneTime=None)
     detail = f"pod {current} failed ({verdict.reason}): {verdict.message}"
-    if failures > run.spec.backoff_limit:
-        message = f"{detail}; gave up after {failures} failures (spec.backoffLimit is {run.spec.backoff_limit})"
+    if verdict.reason == "InvalidSpec" or failures > run.spec.backoff_limit:
+        # the trainer refused the spec or its data: another attempt would be refused the same way
+        message = detail if verdict.reason == "InvalidSpec" else \
+            f"{detail}; gave up after {failures} failures (spec.backoffLimit is {run.spec.backoff_limit})"
         _phase_change(plan, status, now, FAILED_PHASE, message, Running=("False", verdict.reason, message),
                       Failed=("True", verdict.reason, message))
         plan.status["completionTime"] = timestamp(now)
