@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kontinue.api.contract import InvalidInput
+from kontinue.storage import open_store
 from kontinue.trainer.columns import column_roles
 from kontinue.trainer.predictor import Predictor
 
@@ -162,3 +163,29 @@ def test_a_family_or_problem_type_the_trainer_cannot_run_is_refused_naming_the_f
     with pytest.raises(InvalidInput, match=r"data: no column any model can use"):
         Predictor(label="label", path=tmp_path / "d").fit(images[:20], hyperparameters={"model.names": ["hf_text"]})
     assert not (tmp_path / "c" / "kontinue.json").exists(), "nothing is written for a refused fit"
+
+
+def test_images_and_a_dump_in_s3_through_the_storage_layer(timm_predictor, digits, s3_server, monkeypatch, tmp_path):
+    """Image cells as s3:// URIs and model.timm_image.checkpoint_name as an s3:// dump, over HTTP."""
+    for key, value in s3_server.environ.items():
+        monkeypatch.setenv(key, value)
+    bucket = s3_server.make_bucket("images")
+    store = open_store(f"s3://{bucket}")
+    rows = digits[:120]
+    for path in rows["image"]:
+        store.put_file(f"digits/{Path(path).name}", path)
+    table = rows[["label"]].assign(image=[f"s3://{bucket}/digits/{Path(path).name}" for path in rows["image"]])
+    dump = Path(timm_predictor.dump_model(tmp_path / "dump"))
+    store.sync_up(dump / "timm_image", "dumps/timm_image")
+
+    predictor = Predictor(label="label", path=tmp_path / "from-s3", enable_progress_bar=False)
+    predictor.fit(table[:96], seed=0, hyperparameters={
+        "model.names": ["timm_image"], **TIMM, **SMALL, "optim.max_epochs": 1, "optim.lr": 0.0,
+        "model.timm_image.checkpoint_name": f"s3://{bucket}/dumps/timm_image"})
+    assert predictor.column_types == {"image": "image_path"}
+    local = table.assign(image=rows["image"].tolist())
+    assert predictor.predict(table[96:]).tolist() == predictor.predict(local[96:]).tolist()
+    started = load_timm_dump(dump / "timm_image").state_dict()
+    trained = best_weights(predictor.path)  # lr 0: the weights are the dump's
+    assert all(torch.equal(value, trained["backbones.timm_image.model." + key]) for key, value in started.items()
+               if "running" not in key and "num_batches" not in key)

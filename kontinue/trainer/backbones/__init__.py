@@ -10,9 +10,11 @@ each family's module registers its builder here when imported.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import os
 import random
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
@@ -123,7 +125,17 @@ class Backbone(nn.Module):
 
 
 def resolve_checkpoint_name(name: str) -> str:
-    """A `file://` URI or a path becomes a local directory; anything else stays a name."""
+    """A dumped folder as a local directory: an `s3://` URI is fetched into a local cache,
+    a `file://` URI or a path is used in place; anything else stays a name (an architecture)."""
+    if name.startswith("s3://"):
+        from kontinue.storage import open_store
+
+        local = Path(tempfile.gettempdir()) / "kontinue-checkpoints" / hashlib.sha256(name.encode()).hexdigest()[:16]
+        if not (local / ".complete").exists():
+            if not open_store(name).sync_down(local):
+                raise InvalidInput("hyperparameters.model.*.checkpoint_name", f"{name} holds no files")
+            (local / ".complete").touch()
+        return str(local)
     if name.startswith("file://"):
         name = name[len("file://"):]
     expanded = os.path.expanduser(name)
