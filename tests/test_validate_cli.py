@@ -37,7 +37,19 @@ def test_good_files_pass(capsys):
 def test_examples_are_valid(capsys):
     examples = sorted(str(path) for path in (ROOT / "examples").glob("*.yaml"))
     assert main(["validate", *examples]) == 0, capsys.readouterr().out
-    assert capsys.readouterr().out.count(": valid") == len(examples) >= 2
+    assert capsys.readouterr().out.count(": valid") == len(examples) >= 5
+
+
+def test_the_digits_examples_prepare_tables_and_local_manifests_that_validate(tmp_path, capsys):
+    subprocess.run([sys.executable, str(ROOT / "examples" / "prepare_digits.py"), "--out", str(tmp_path)],
+                   check=True, capture_output=True)
+    local = sorted(str(path) for path in tmp_path.glob("*.local.yaml"))
+    assert len(local) == 3 and main(["validate", *local]) == 0, capsys.readouterr().out
+    import pandas as pd
+
+    train = pd.read_parquet(tmp_path / "digits" / "train.parquet")
+    assert list(train.columns) == ["image_bytes", "label", "parity", "ink", "caption"] and len(train) == 1200
+    assert train["image_bytes"].map(lambda data: data[:4] == b"\x89PNG").all()
 
 
 def test_bad_file_names_every_field(capsys):
