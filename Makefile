@@ -3,6 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DETECTION := $(VENV)/.detection
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -15,9 +16,16 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# The detection extra needs mmcv with its compiled ops, built once per machine into a cache outside
+# the repository (~/.cache/kontinue/wheels, keyed by mmcv, torch and Python versions; ~15 min on 2 cores).
+$(DETECTION): $(STAMP) scripts/mmcv-wheel.sh
+	$(PY) -m pip install -q --no-deps --force-reinstall "$$(scripts/mmcv-wheel.sh $(PY))"
+	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[test,detection]'
+	touch $(DETECTION)
 
-test: $(STAMP)
+install: $(STAMP) $(DETECTION)
+
+test: $(STAMP) $(DETECTION)
 	$(VENV)/bin/pytest -q -ra $(PYTEST_ARGS)
 
 example: $(STAMP)

@@ -33,6 +33,8 @@ class Family:
 FAMILIES: dict[str, Family] = {family.prefix: family for family in (
     Family("hf_text", "hfText", "text", PREDICTION, "kontinue.trainer.backbones.hf_text", dumped=True),
     Family("timm_image", "timmImage", "image", PREDICTION, "kontinue.trainer.backbones.timm_image", dumped=True),
+    Family("mmdet_image", "mmdetImage", "image", (OBJECT_DETECTION,), "kontinue.trainer.backbones.mmdet_image",
+           requires=("mmdet", "mmcv", "mmengine"), extra="detection", dumped=True),
     Family("numerical_mlp", None, "numerical", PREDICTION, "kontinue.trainer.backbones.tabular"),
     Family("categorical_mlp", None, "categorical", PREDICTION, "kontinue.trainer.backbones.tabular"),
 )}

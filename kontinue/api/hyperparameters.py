@@ -92,7 +92,7 @@ IMAGE_TRANSFORMS = ("resize_shorter_side", "resize_to_square", "center_crop", "r
 
 HYPERPARAMETERS: dict[str, Hyperparameter] = {
     "model.names": Hyperparameter(
-        ["hf_text", "timm_image", "numerical_mlp", "categorical_mlp", "fusion_mlp"],
+        ["hf_text", "timm_image", "mmdet_image", "numerical_mlp", "categorical_mlp", "fusion_mlp"],
         "Models to build, by AutoMM prefix; those with no column of their modality in the data are left out, "
         "and fusion_mlp fuses several.", _backbone_names),
     "model.hf_text.checkpoint_name": Hyperparameter(
@@ -114,6 +114,13 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
     "model.timm_image.val_transforms": Hyperparameter(
         ["resize_shorter_side", "center_crop"], "Evaluation and prediction transforms in order.",
         _names_from(IMAGE_TRANSFORMS, "image transforms", allow_empty=True)),
+    "model.mmdet_image.checkpoint_name": Hyperparameter(
+        "yolov3_mobilenetv2_8xb24-320-300e_coco", "An MMDetection config name (its architecture with random "
+        "weights: nothing is downloaded), a .json or .yaml config file, or a dump's mmdet_image/ directory.",
+        _optional_string),
+    "model.mmdet_image.image_size": Hyperparameter(
+        None, "Images are resized to fit a square of this side, keeping their aspect ratio (unset: the "
+        "config's test scale).", _optional_size),
     "model.numerical_mlp.hidden_size": Hyperparameter(
         128, "Width of the numerical columns' MLP.", _number(1, 65536, integer=True)),
     "model.numerical_mlp.num_layers": Hyperparameter(1, "Layers of the numerical MLP.", _number(1, 16, integer=True)),

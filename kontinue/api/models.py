@@ -73,8 +73,8 @@ def _string(regex: str, expected: str, *rules: Rule, **schema: Any) -> Any:
 
 
 _BUCKET = r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]"
-DataUri = _string(rf"^({_BUCKET}/|file:///|/).+\.(parquet|pq|csv)$",
-                  "s3://bucket/key, file:///path or /absolute/path ending in .parquet, .pq or .csv")
+DataUri = _string(rf"^({_BUCKET}/|file:///|/).+\.(parquet|pq|csv|json)$",
+                  "s3://bucket/key, file:///path or /absolute/path ending in .parquet, .pq, .csv or .json (COCO)")
 DirectoryUri = _string(rf"^({_BUCKET}(/.*)?|file:///.*|/.*)$",
                        "s3://bucket[/prefix], file:///path or /absolute/path")
 # minLength 2 rules out "" without a lookahead (RE2, which the API server uses, has none).
@@ -156,7 +156,8 @@ class _Status(_Model):
 class TaskSpec(_Model):
     """What to predict."""
     label: str | None = Field(None, min_length=1, description=(
-        "Column holding the target. Required unless problemType is object_detection."))
+        "Column holding the target. Required unless problemType is object_detection, whose boxes are in "
+        "the column rois, else label: [[x1, y1, x2, y2, class], ...] per image."))
     problem_type: Literal[PROBLEM_TYPES] | None = Field(  # type: ignore[valid-type]
         None, description="Kind of problem; inferred from the label column when unset.")
     eval_metric: Literal[SUPPORTED_METRICS] | None = Field(  # type: ignore[valid-type]
@@ -198,11 +199,23 @@ class TimmImageSpec(_Model):
         "Image side in pixels; the architecture's own input size when unset."))
 
 
+class MmdetImageSpec(_Model):
+    """An MMDetection detector over the image column, for object_detection."""
+    checkpoint: str = Field(min_length=1, description=(
+        "An MMDetection config name (its architecture with random weights: nothing is downloaded), a .json "
+        "or .yaml config file, or a directory URI of a dump's mmdet_image/ (its trained weights)."))
+    image_size: int | None = Field(None, ge=8, le=4096, description=(
+        "Images are resized to fit a square of this side, keeping their aspect ratio; the config's test "
+        "scale when unset."))
+
+
 class ModelSpec(_Model):
     """Backbones to build; with several (and any numerical or categorical columns) a fusion MLP head
     combines them."""
     hf_text: HfTextSpec | None = Field(None, description="Text backbone (model.hf_text in AutoMM).")
     timm_image: TimmImageSpec | None = Field(None, description="timm image backbone (model.timm_image).")
+    mmdet_image: MmdetImageSpec | None = Field(
+        None, description="MMDetection detector (model.mmdet_image), for object_detection.")
     rules = (Rule(" || ".join(f"has(self.{FAMILIES[name].spec_field})" for name in BACKBONES),
                   f"model needs at least one of {', '.join(FAMILIES[name].spec_field for name in BACKBONES)}",
                   lambda m: any(getattr(m, name) for name in BACKBONES)),)
@@ -349,9 +362,10 @@ class _RunSpec(_Model):
                 f"spec.model.{to_camel(name)}.checkpoint", getattr(self.model, name).checkpoint)
         if self.model and self.model.hf_text and self.model.hf_text.max_text_len is not None:
             implied["model.hf_text.max_text_len"] = ("spec.model.hfText.maxTextLen", self.model.hf_text.max_text_len)
-        if self.model and self.model.timm_image and self.model.timm_image.image_size is not None:
-            implied["model.timm_image.image_size"] = ("spec.model.timmImage.imageSize",
-                                                      self.model.timm_image.image_size)
+        for name in self.model.backbones() if self.model else ():
+            size = getattr(getattr(self.model, name), "image_size", None)
+            if size is not None:
+                implied[f"model.{name}.image_size"] = (f"spec.model.{to_camel(name)}.imageSize", size)
         return implied
 
     def effective_hyperparameters(self, **context: Any) -> dict[str, Any]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -13,11 +15,39 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from kontinue.storage import open_store
 from kontinue.trainer.backbones import seeded
 
-TABLE_SUFFIXES = {".parquet": pd.read_parquet, ".pq": pd.read_parquet, ".csv": pd.read_csv}
+def coco_table(annotations: dict[str, Any], images_uri: str) -> pd.DataFrame:
+    """A COCO detection file as AutoMM's detection table: image (its path or URI, resolved against
+    `images_uri`) and rois ([[x1, y1, x2, y2, category name], ...])."""
+    names = {category["id"]: category["name"] for category in annotations.get("categories", [])}
+    boxes: dict[Any, list[list[Any]]] = {image["id"]: [] for image in annotations.get("images", [])}
+    for annotation in annotations.get("annotations", []):
+        x, y, width, height = annotation["bbox"]
+        boxes.setdefault(annotation["image_id"], []).append(
+            [x, y, x + width, y + height, names.get(annotation["category_id"], annotation["category_id"])])
+    base = images_uri.rstrip("/")
+    return pd.DataFrame({"image": [image["file_name"] if "://" in image["file_name"] or image["file_name"].startswith("/")
+                                   else f"{base}/{image['file_name']}" for image in annotations["images"]],
+                         "rois": [boxes[image["id"]] for image in annotations["images"]]})
+
+
+def _read_coco(path: Path, uri: str) -> pd.DataFrame:
+    """Images are named relative to the file's folder (or its parent, COCO's annotations/ layout)."""
+    annotations = json.loads(Path(path).read_text())
+    folder = uri.rsplit("/", 1)[0] if "/" in uri else "."
+    if "://" not in uri:
+        first = (annotations.get("images") or [{}])[0].get("file_name", "")
+        if first and not (Path(folder) / first).exists() and (Path(folder).parent / first).exists():
+            folder = str(Path(folder).parent)
+        folder = str(Path(folder).absolute())
+    return coco_table(annotations, folder)
+
+
+TABLE_SUFFIXES = {".parquet": lambda path, uri: pd.read_parquet(path), ".pq": lambda path, uri: pd.read_parquet(path),
+                  ".csv": lambda path, uri: pd.read_csv(path), ".json": _read_coco}
 
 
 def read_table(uri: str) -> pd.DataFrame:
-    """Reads a parquet or CSV table from a path, `file://` or `s3://` URI."""
+    """Reads a parquet or CSV table, or a COCO detection file, from a path, `file://` or `s3://` URI."""
     suffix = Path(uri.split("?")[0]).suffix.lower()
     reader = TABLE_SUFFIXES.get(suffix)
     if reader is None:
@@ -26,11 +56,11 @@ def read_table(uri: str) -> pd.DataFrame:
     store = open_store(parent or ".")
     local = store.local_path(name)
     if local is not None:
-        return reader(local)
+        return reader(local, str(local) if "://" not in uri else uri)
     with tempfile.TemporaryDirectory(prefix="kontinue-data-") as scratch:
         target = Path(scratch) / name
         store.get_file(name, target)
-        return reader(target)
+        return reader(target, uri)
 
 
 def as_table(data: pd.DataFrame | str | None) -> pd.DataFrame | None:
@@ -42,6 +72,12 @@ def as_table(data: pd.DataFrame | str | None) -> pd.DataFrame | None:
 
 def table_fingerprint(frame: pd.DataFrame) -> str:
     """A cheap content hash: resuming on different data would break exact resume, so we warn."""
+    def hashable(column: pd.Series) -> pd.Series:  # lists of boxes, arrays from parquet: by their text
+        if column.dtype == object and column.map(lambda v: isinstance(v, (list, dict, np.ndarray))).any():
+            return column.map(lambda v: repr(v.tolist() if isinstance(v, np.ndarray) else v))
+        return column
+
+    frame = frame.apply(hashable)
     return format(int(pd.util.hash_pandas_object(frame, index=False).sum()) & (2**64 - 1), "016x")
 
 
@@ -152,13 +188,13 @@ class RowDataset(Dataset):
 class Collate:
     """Batches items: each backbone's processor collates its own part."""
 
-    def __init__(self, processors: dict[str, Any], with_targets: bool):
-        self.processors, self.with_targets = processors, with_targets
+    def __init__(self, processors: dict[str, Any], collate_targets: Callable[[list[Any]], Any] | None):
+        self.processors, self.collate_targets = processors, collate_targets
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch = {"index": torch.tensor([item["index"] for item in items])}
         for name, processor in self.processors.items():
             batch.update(processor.collate([item[name] for item in items]))
-        if self.with_targets:
-            batch["target"] = torch.stack([item["target"] for item in items])
+        if self.collate_targets is not None:
+            batch["target"] = self.collate_targets([item["target"] for item in items])
         return batch

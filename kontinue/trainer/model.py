@@ -23,18 +23,17 @@ def select_models(names: list[str], roles: dict[str, str], problem_type: str) ->
     """model name -> the columns it claims; a family with no column of its modality is left out."""
     chosen: dict[str, list[str]] = {}
     for name in names:
-        if name in FUSION_HEADS:
-            continue
         family = family_of(name)
-        builder_for(name)  # refuses a family this trainer does not run or cannot import
-        if problem_type not in family.problem_types:
-            raise InvalidInput("problem_type", f"{name} does not support {problem_type!r}; it supports "
-                               f"{list(family.problem_types)}")
+        if name in FUSION_HEADS or problem_type not in family.problem_types:
+            continue
         columns = columns_of(roles, family.modality)
         if columns:
+            builder_for(name)  # refuses a family this trainer cannot import (an extra not installed)
             chosen[name] = columns
         else:
             log.info("model %s left out: the data has no %s column", name, family.modality)
+    if not any(problem_type in family_of(name).problem_types for name in names if name not in FUSION_HEADS):
+        raise InvalidInput("hyperparameters.model.names", f"none of {names} can do {problem_type!r}")
     if not chosen:
         raise InvalidInput("data", f"no column any model can use: column roles are {roles}, "
                            f"model.names is {names}")
@@ -48,7 +47,7 @@ def select_models(names: list[str], roles: dict[str, str], problem_type: str) ->
 def build_module(hyperparameters: dict[str, Any], problem: Problem, columns: dict[str, list[str]],
                  data: pd.DataFrame) -> PredictorModule:
     """A new model: each backbone from its checkpoint_name (random or dumped weights) and `data`."""
-    backbones = {name: create_backbone(name, hyperparameters, cols, data=data) for name, cols in columns.items()}
+    backbones = {name: create_backbone(name, hyperparameters, cols, problem=problem, data=data) for name, cols in columns.items()}
     return PredictorModule(backbones, problem, hyperparameters)
 
 
@@ -56,7 +55,7 @@ def rebuild_module(hyperparameters: dict[str, Any], problem: Problem, columns: d
                    assets: Path) -> PredictorModule:
     """The architecture of a saved predictor from its assets; its weights come from a checkpoint."""
     backbones: dict[str, Backbone] = {
-        name: create_backbone(name, hyperparameters, cols, assets_dir=assets / name) for name, cols in columns.items()}
+        name: create_backbone(name, hyperparameters, cols, problem=problem, assets_dir=assets / name) for name, cols in columns.items()}
     return PredictorModule(backbones, problem, hyperparameters)
 
 

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from kontinue.trainer.backbones import Backbone
-from kontinue.trainer.heads import create_head
 from kontinue.trainer.problem import Problem
 
 
@@ -22,8 +21,7 @@ class PredictorModule(pl.LightningModule):
                  total_steps: int = 1):
         super().__init__()
         self.backbones = nn.ModuleDict(backbones)
-        self.head = create_head([b.out_features for b in backbones.values()], problem.num_outputs,
-                                hyperparameters["model.names"], hyperparameters)
+        self.head = problem.create_head([b.out_features for b in backbones.values()], hyperparameters)
         self.problem = problem
         self.hyperparameters = hyperparameters
         self.total_steps = total_steps
@@ -31,35 +29,45 @@ class PredictorModule(pl.LightningModule):
         self.last_validation: dict[str, float] = {}
         self.train()  # transformers returns encoders in eval mode; dropout must be on while training
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.head([backbone(batch) for backbone in self.backbones.values()])
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.problem.loss(self(batch), batch["target"])
-        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["target"]))
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.problem.step_loss(self, batch)
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["index"]))
         return loss
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.validation_outputs.append((batch["index"], self(batch).float(), batch["target"]))
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.validation_outputs.append((batch["index"], self.problem.outputs(self, batch), batch["target"]))
 
     def on_validation_epoch_end(self) -> None:
         """Scores the whole validation set at once, gathered from every process."""
-        indices, outputs, targets = (torch.cat(parts) for parts in zip(*self.validation_outputs))
+        indices, outputs, targets = zip(*self.validation_outputs)
         self.validation_outputs.clear()
+        indices, outputs, targets = torch.cat(indices), self.problem.merge(outputs), self.problem.merge(targets)
         if self.trainer.world_size > 1:
-            indices, outputs, targets = (self.all_gather(t).flatten(0, 1) for t in (indices, outputs, targets))
+            indices, outputs, targets = (self._gather(part) for part in (indices, outputs, targets))
         order = torch.argsort(indices.cpu())
-        indices, outputs, targets = indices.cpu()[order], outputs.cpu()[order], targets.cpu()[order]
+        indices = indices.cpu()[order]
         first = torch.ones_like(indices, dtype=torch.bool)
         first[1:] = indices[1:] != indices[:-1]  # a distributed sampler may repeat rows to pad
-        scores = self.problem.score(outputs[first], targets[first])
+        kept = order[first]
+        scores = self.problem.score(self.problem.select(outputs, kept), self.problem.select(targets, kept))
         self.last_validation = scores
         for name, value in scores.items():
             self.log(f"val_{name}", value, sync_dist=False, rank_zero_only=True)
         self.log("val_score", scores[self.problem.eval_metric], prog_bar=True, rank_zero_only=True)
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self(batch).float()
+    def _gather(self, part: Any) -> Any:
+        """Every process's part, in rank order: tensors by all_gather, lists (boxes) as objects."""
+        if isinstance(part, torch.Tensor):
+            return self.all_gather(part).flatten(0, 1).cpu()
+        parts: list[Any] = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(parts, part)
+        return [row for rank_part in parts for row in rank_part]
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
+        return self.problem.outputs(self, batch)
 
     def configure_optimizers(self):
         hp = self.hyperparameters

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from kontinue.api.contract import InvalidInput
-from kontinue.api.families import family_of
+from kontinue.api.families import OBJECT_DETECTION, family_of
 from kontinue.api.hyperparameters import validate_hyperparameters
 from kontinue.trainer.columns import column_roles
 from kontinue.trainer.data import (Collate, ResumableBatchSampler, ResumableDataLoader, RowDataset, as_table,
@@ -113,6 +113,8 @@ class Predictor:
         elif state != EMPTY:
             raise InvalidInput("path", f"{self.path} already holds a predictor; use Predictor.load(path, "
                                "resume=True) to continue it, or choose a new path")
+        if self.label is None and self.problem_type == OBJECT_DETECTION:  # AutoMM's detection tables
+            self.label = "rois" if "rois" in train_data.columns else "label"
         if self.label is None:
             raise InvalidInput("label", "the predictor needs the name of the label column")
         base = self._metadata["hyperparameters"] if continuing else self.hyperparameters
@@ -217,7 +219,8 @@ class Predictor:
         seed = self._metadata["seed"]
         dataset = RowDataset(rows, processors, targets, seed=seed, training=training)
         sampler = ResumableBatchSampler(len(data), batch_size, seed=seed, shuffle=training, world_size=world_size)
-        return ResumableDataLoader(dataset, batch_sampler=sampler, collate_fn=Collate(processors, with_targets),
+        collate = Collate(processors, self.problem.collate_targets if with_targets else None)
+        return ResumableDataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                    num_workers=self._metadata["hyperparameters"]["env.num_workers"],
                                    generator=torch.Generator().manual_seed(seed))
 
@@ -232,10 +235,12 @@ class Predictor:
         outputs, targets = [], []
         with torch.inference_mode():
             for batch in loader:
-                outputs.append(module({k: v.to(device) for k, v in batch.items()}).float().cpu())
+                on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                outputs.append(self.problem.outputs(module, on_device))
                 if with_targets:
                     targets.append(batch["target"])
-        return torch.cat(outputs), torch.cat(targets) if with_targets else None
+        merge = self.problem.merge
+        return merge(outputs), merge(targets) if with_targets else None
 
     def evaluate(self, data: pd.DataFrame | str, metrics: list[str] | str | None = None) -> dict[str, float]:
         data = as_table(data)

@@ -49,12 +49,14 @@ def builder_for(name: str) -> type["Backbone"]:
     return BUILDERS[family.prefix]
 
 
-def create_backbone(name: str, hyperparameters: dict[str, Any], columns: list[str], *,
+def create_backbone(name: str, hyperparameters: dict[str, Any], columns: list[str], *, problem: Any,
                     data: pd.DataFrame | None = None, assets_dir: Path | None = None) -> "Backbone":
     """Builds backbone `name` over `columns`: new from its checkpoint_name and the training `data`,
-    or, with `assets_dir`, its architecture from saved assets (the weights then come from a checkpoint)."""
+    or, with `assets_dir`, its architecture from saved assets (the weights then come from a checkpoint).
+    A detector also needs the `problem` (its classes); other families ignore it."""
     builder = builder_for(name)
-    return builder(name, builder.options_from(hyperparameters, name), columns, data=data, assets_dir=assets_dir)
+    return builder(name, builder.options_from(hyperparameters, name), columns, data=data, assets_dir=assets_dir,
+                   problem=problem)
 
 
 class Processor:

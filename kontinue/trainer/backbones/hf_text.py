@@ -49,7 +49,7 @@ class HFTextBackbone(Backbone):
     Options = HFTextOptions
 
     def __init__(self, name: str, options: HFTextOptions, columns: list[str], *,
-                 data: pd.DataFrame | None = None, assets_dir: Path | None = None):
+                 data: pd.DataFrame | None = None, assets_dir: Path | None = None, **_: Any):
         super().__init__(name, options)
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 

@@ -97,7 +97,7 @@ class NumericalMLP(_Tower):
     modality = "numerical"
 
     def __init__(self, name: str, options: TowerOptions, columns: list[str], *,
-                 data: pd.DataFrame | None = None, assets_dir: Path | None = None):
+                 data: pd.DataFrame | None = None, assets_dir: Path | None = None, **_: Any):
         super().__init__(name, options)
 
         def learn(frame: pd.DataFrame) -> dict[str, Any]:
@@ -121,7 +121,7 @@ class CategoricalMLP(_Tower):
     modality = "categorical"
 
     def __init__(self, name: str, options: TowerOptions, columns: list[str], *,
-                 data: pd.DataFrame | None = None, assets_dir: Path | None = None):
+                 data: pd.DataFrame | None = None, assets_dir: Path | None = None, **_: Any):
         super().__init__(name, options)
 
         def learn(frame: pd.DataFrame) -> dict[str, Any]:

@@ -97,7 +97,7 @@ class TimmImageBackbone(Backbone):
     Options = TimmImageOptions
 
     def __init__(self, name: str, options: TimmImageOptions, columns: list[str], *,
-                 data: pd.DataFrame | None = None, assets_dir: Path | None = None):
+                 data: pd.DataFrame | None = None, assets_dir: Path | None = None, **_: Any):
         super().__init__(name, options)
         import timm
 
