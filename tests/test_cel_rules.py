@@ -84,6 +84,10 @@ VALID = {
     "trainingrun": TRAINING,
     "continued trainingrun": CONTINUED,
     "transferrun": TRANSFER,
+    "object detection without label, from a COCO file": changed(
+        TRANSFER, (("spec", "task"), {"problemType": "object_detection"}),
+        (("spec", "model"), {"mmdetImage": {"checkpoint": "retinanet_r18_fpn_1x_coco", "imageSize": 320}}),
+        (("spec", "data", "train"), "s3://datasets/shapes/train.json")),
     "timm image size and column types": changed(TRANSFER, (("spec", "model"), {"timmImage": {
         "checkpoint": "resnet18", "imageSize": 64}}), (("spec", "task", "columnTypes"), {"photo": "image_path"})),
     "explicit nulls": changed(CONTINUED, (("spec", "model"), None), (("spec", "checkpoint", "intervalSteps"), None)),

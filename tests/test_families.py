@@ -155,8 +155,12 @@ def test_fusion_of_text_image_and_tabular_columns(fusion_predictor, digits, tmp_
 def test_a_family_or_problem_type_the_trainer_cannot_run_is_refused_naming_the_field(images, tmp_path):
     with pytest.raises(ValueError, match=r"hyperparameters\.model\.names: .*'vit_image'.* not supported"):
         Predictor(label="label", path=tmp_path / "a", hyperparameters={"model.names": ["vit_image"]})
-    with pytest.raises(InvalidInput, match=r"problem_type: 'object_detection' is not supported by this trainer"):
-        Predictor(label="label", path=tmp_path / "b", problem_type="object_detection").fit(images[:20])
+    with pytest.raises(InvalidInput, match=r"problem_type: 'ranking' is not supported by this trainer"):
+        Predictor(label="label", path=tmp_path / "b", problem_type="ranking").fit(images[:20])
+    with pytest.raises(InvalidInput, match=r"model\.names: none of \['timm_image'\] can do 'object_detection'"):
+        Predictor(label="label", path=tmp_path / "b", problem_type="object_detection").fit(
+            images.assign(label=[[[0, 0, 4, 4, "digit"]]] * len(images))[:20],
+            hyperparameters={**TIMM, "model.names": ["timm_image"]})
     with pytest.raises(InvalidInput, match=r"model\.timm_image\.checkpoint_name: 'no_such_net' is neither"):
         Predictor(label="label", path=tmp_path / "c").fit(
             images[:20], hyperparameters={**TIMM, "model.timm_image.checkpoint_name": "no_such_net"})

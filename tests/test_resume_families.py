@@ -29,12 +29,29 @@ def digit_tables(tmp_path_factory, digits) -> dict[str, str]:
     return {name: str(path) for name, path in paths.items()}
 
 
-def manifest(family: str, store: Path, tiny_bert: str, review_tables: dict, digit_tables: dict) -> dict:
+@pytest.fixture(scope="module")
+def shape_files(shapes) -> dict[str, str]:
+    """The detection data as COCO files (a TrainingRun's data can be one)."""
+    from examples.prepare_shapes import to_coco
+
+    root = Path(shapes["image"][0]).parent
+    to_coco(shapes[:48], root / "resume-train.json")
+    to_coco(shapes[48:64], root / "resume-validation.json")
+    return {"train": str(root / "resume-train.json"), "validation": str(root / "resume-validation.json")}
+
+
+def manifest(family: str, store: Path, tiny_bert: str, review_tables: dict, digit_tables: dict,
+             shape_files: dict) -> dict:
     timm = {"checkpoint": "test_resnet", "imageSize": 32}  # trains with AutoMM's default trivial_augment
     hp = {**WORKERS, "optim.max_epochs": 2, "env.per_gpu_batch_size": 8, "env.batch_size": 8}
     if family == "hf_text":
         return training_run("text", str(store), review_tables, tiny_bert, hyperparameters=WORKERS)
     run = training_run(family.replace("_", "-"), str(store), digit_tables, tiny_bert, hyperparameters=hp)
+    if family == "mmdet_image":  # training flips images (and boxes) half the time
+        run = training_run("detection", str(store), shape_files, tiny_bert, hyperparameters=hp)
+        run["spec"]["task"] = {"problemType": "object_detection"}
+        run["spec"]["model"] = {"mmdetImage": {"checkpoint": "retinanet_r18_fpn_1x_coco", "imageSize": 64}}
+        return run
     if family == "timm_image":
         run["spec"]["model"] = {"timmImage": timm}
         run["spec"]["task"]["columnTypes"] = {"caption": "categorical"}
@@ -45,10 +62,12 @@ def manifest(family: str, store: Path, tiny_bert: str, review_tables: dict, digi
     return run
 
 
-@pytest.mark.parametrize("family", ["hf_text", "timm_image", "fusion"])
+@pytest.mark.parametrize("family", ["hf_text", "timm_image", "fusion", "mmdet_image"])
 def test_sigterm_at_random_steps_with_augmentation_and_workers_ends_bit_identical(
-        family, tmp_path, tiny_bert, review_tables, digit_tables):
-    run = manifest(family, tmp_path / "store", tiny_bert, review_tables, digit_tables)
+        family, tmp_path, tiny_bert, review_tables, digit_tables, shape_files):
+    if family == "mmdet_image":
+        pytest.importorskip("mmdet", reason="the detection extra is not installed: run `make install`")
+    run = manifest(family, tmp_path / "store", tiny_bert, review_tables, digit_tables, shape_files)
     name = run["metadata"]["name"]
     reference_dir = tmp_path / "reference" / "tests" / name
     (tmp_path / "reference").mkdir()
