@@ -1,5 +1,6 @@
 """Generated detection data: squares and circles on a plain background, with their boxes known
-exactly. Writes AutoMM's detection table (image, rois) and the same data as COCO files."""
+exactly: AutoMM's detection table (image, rois) for tests, and as a script the COCO files and a
+copy of shapes-detection.yaml with this machine's paths."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 from PIL import Image, ImageDraw
 
 HERE = Path(__file__).parent
@@ -64,6 +66,16 @@ def main() -> None:
     for name, part in (("train", table[:240]), ("validation", table[240:])):
         to_coco(part, root / f"{name}.json")
         print(f"wrote {root / f'{name}.json'}")
+    manifest = yaml.safe_load((HERE / "shapes-detection.yaml").read_text())
+    spec = manifest["spec"]
+    spec["data"] = {name: str(root / f"{name}.json") for name in spec["data"]}
+    spec["checkpoint"] = {"storage": str(args.out.absolute() / "store"), "intervalMinutes": 1}
+    spec["resources"] = {"gpus": 0}
+    spec.pop("volumes", None)  # this machine's paths need none
+    local = args.out.absolute() / "shapes-detection.local.yaml"
+    local.write_text("# Written by prepare_shapes.py: the example with this machine's paths.\n"
+                     + yaml.safe_dump(manifest, sort_keys=False))
+    print(f"manifest for this machine: {local}")
 
 
 if __name__ == "__main__":

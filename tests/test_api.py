@@ -283,3 +283,15 @@ def test_load_manifest(tmp_path):
     (tmp_path / "bad.yaml").write_text("kind: [unclosed\n")
     with pytest.raises(SpecError):
         load_manifest(tmp_path / "bad.yaml")
+
+
+def test_the_api_and_its_family_registry_import_without_torch():
+    """`kontinue validate` and the operator decide what the trainer runs without loading torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, kontinue.api, kontinue.api.families as f; "
+            "assert 'torch' not in sys.modules, 'torch imported'; print(sorted(f.FAMILIES))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "mmdet_image" in result.stdout and "timm_image" in result.stdout

@@ -52,6 +52,18 @@ def test_the_digits_examples_prepare_tables_and_local_manifests_that_validate(tm
     assert train["image_bytes"].map(lambda data: data[:4] == b"\x89PNG").all()
 
 
+def test_the_shapes_example_prepares_coco_files_and_a_local_manifest(tmp_path, capsys):
+    subprocess.run([sys.executable, str(ROOT / "examples" / "prepare_shapes.py"), "--out", str(tmp_path)],
+                   check=True, capture_output=True)
+    assert main(["validate", str(tmp_path / "shapes-detection.local.yaml")]) == 0, capsys.readouterr().out
+    from kontinue.trainer.data import read_table
+
+    table = read_table(str(tmp_path / "shapes" / "train.json"))
+    assert list(table.columns) == ["image", "rois"] and len(table) == 240
+    assert all(Path(path).is_file() for path in table["image"])
+    assert all(box[4] in ("square", "circle") and box[2] > box[0] for rois in table["rois"] for box in rois)
+
+
 def test_bad_file_names_every_field(capsys):
     assert main(["validate", GOOD[1], BAD]) == 1
     lines = capsys.readouterr().out.splitlines()

@@ -24,7 +24,8 @@ from kontinue.api.contract import PREEMPTED_EXIT_CODE, SUCCEEDED_EXIT_CODE
 from kontinue.trainer.callbacks import Preempted
 from kontinue.trainer.data import read_table
 from kontinue.trainer.predictor import Predictor
-from kontinue.trainer.rundir import BEST, METADATA, STATUS, RunDirectory, open_run_directory
+from kontinue.trainer.rundir import (BEST, COMPLETED, METADATA, RESUMABLE, STATUS, RunDirectory,
+                                     open_run_directory)
 
 log = logging.getLogger("kontinue.trainer")
 TERMINATION_LOG = "/dev/termination-log"
@@ -133,12 +134,13 @@ def run_training(run: TrainingRun | TransferRun, run_dir_uri: str, *, scratch: s
     run_dir = open_run_directory(run_dir_uri, scratch / "run")
     run_dir.report = report
     spec = run.spec
-    if run_dir.status.get("phase") == "Succeeded" and not run_dir.has_resume_point():
+    state = run_dir.state()
+    if state == COMPLETED:
         log.info("run %s already succeeded; nothing to do", run_dir.uri)
         return _outcome(run_dir, "succeeded")
     train = read_table(spec.data.train)
     validation = read_table(spec.data.validation) if spec.data.validation else None
-    if run_dir.has_resume_point():
+    if state == RESUMABLE:
         predictor = Predictor.load(run_dir.path, resume=True, run_dir=run_dir)
         predictor.enable_progress_bar = progress_bar
     else:
