@@ -92,8 +92,9 @@ def test_transfer_run_trains_a_new_task_on_the_source_dump(reference, source, le
     status = read_json(run_dir / "status.json")
     assert status["phase"] == "Succeeded"
     assert status["sourceDumpUri"] == (source / "dump").as_uri()
-    hyperparameters = read_json(run_dir / "kontinue.json")["hyperparameters"]
-    assert hyperparameters["model.names"] == ["hf_text"]
+    metadata = read_json(run_dir / "kontinue.json")
+    hyperparameters = metadata["hyperparameters"]
+    assert metadata["columns"] == {"hf_text": ["text"]}  # the models built: the text column has no other
     assert hyperparameters["model.hf_text.checkpoint_name"] == str(source / "dump" / "hf_text")
     assert message["result"] == "succeeded" and message["step"] == status["finalState"]["step"]
     assert message["model"] == (run_dir / "model.ckpt").as_uri()
