@@ -193,3 +193,18 @@ def test_images_and_a_dump_in_s3_through_the_storage_layer(timm_predictor, digit
     trained = best_weights(predictor.path)  # lr 0: the weights are the dump's
     assert all(torch.equal(value, trained["backbones.timm_image.model." + key]) for key, value in started.items()
                if "running" not in key and "num_batches" not in key)
+
+
+def test_a_repeated_family_takes_a_numeric_suffix_with_its_own_options_and_dump(images, tmp_path):
+    """AutoMM's timm_image_1: a second image backbone, its own checkpoint_name, its own dump folder."""
+    hp = {**TIMM, **SMALL, "optim.max_epochs": 1, "model.names": ["timm_image", "timm_image_1", "fusion_mlp"],
+          "model.timm_image_1.checkpoint_name": "test_efficientnet"}
+    predictor = Predictor(label="label", path=tmp_path / "two", enable_progress_bar=False)
+    predictor.fit(images[:64], hyperparameters=hp, seed=0)
+    dump = Path(predictor.dump_model(tmp_path / "dump"))
+    assert {path.name for path in dump.iterdir()} == {"timm_image", "timm_image_1"}
+    assert json.loads((dump / "timm_image_1" / "config.json").read_text())["architecture"] == "test_efficientnet"
+    assert json.loads((dump / "timm_image" / "config.json").read_text())["architecture"] == "test_resnet"
+    assert Predictor.load(predictor.path).predict(images[64:72]).tolist() == predictor.predict(images[64:72]).tolist()
+    with pytest.raises(ValueError, match=r"model\.timm_image_1\.image_sise: unknown hyperparameter"):
+        Predictor(label="label", hyperparameters={"model.timm_image_1.image_sise": 32})
