@@ -41,3 +41,4 @@ crds: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/bench_text_trainer.py
+	$(PY) benchmarks/bench_families.py

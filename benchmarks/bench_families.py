@@ -15,7 +15,8 @@ benefit of a dump (AutoGluon's use case 3) for hf_text, timm_image and mmdet_ima
    task is trained with a fixed step budget from (a) the dump (`model.<family>.checkpoint_name =
    <dump>/<family>`) and (b) the family's starting point without the source task (random weights for
    timm_image and mmdet_image, the original MiniLM for hf_text), for --seeds seeds; the new task's
-   held-out scores are printed side by side with their difference.
+   held-out scores are printed side by side with their difference. kontinue keeps the best validated
+   model and validates once an epoch here, so the default budgets are whole epochs.
 
     python benchmarks/bench_families.py [--threads 2] [--arch resnet18] [--seeds 2] [--families ...]
 
@@ -29,9 +30,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# OpenMP threads that spin while waiting for each other are 5-50x slower when another process holds
-# one of the cores (measured on the 2-core machine of the README while a test suite ran); passive
-# waiting makes 2 threads about as fast as 1 there. Must be set before torch is imported.
+# OpenMP threads that spin while waiting for each other made 2 torch threads 3-50x slower than 1 when
+# another process held one of the 2 cores (the README's machine while a test suite ran); with passive
+# waiting 2 threads were about as fast as 1 there. Must be set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
@@ -526,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     total_start = time.perf_counter()
     print(f"machine: {describe_machine()}")
     options = " ".join(f"--{key.replace('_', '-')}={value}" for key, value in vars(args).items())
-    print("\n  ".join(textwrap.wrap(f"parameters: {options}", 110)), flush=True)
+    print("\n  ".join(textwrap.wrap(f"parameters: {options}", 110, break_on_hyphens=False)), flush=True)
     report: list[str] = []
     if not args.skip_throughput:
         with tempfile.TemporaryDirectory(prefix="kontinue-bench-throughput-") as scratch:

@@ -153,7 +153,7 @@ def seeded(seed: int | None) -> Iterator[None]:
         return
     python_state = random.getstate()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU's only: torch.manual_seed would reseed CUDA's too
         random.seed(seed)
         try:
             yield

@@ -132,22 +132,26 @@ class MMDetImageBackbone(Backbone):
         from mmdet.registry import MODELS
         from mmdet.utils import register_all_modules
         from mmengine.config import ConfigDict
+        from mmengine.logging import MMLogger
 
         register_all_modules()
-        logging.getLogger("mmengine").setLevel(logging.WARNING)  # init_weights logs every tensor
+        MMLogger.get_current_instance().setLevel(logging.WARNING)  # init_weights logs every tensor
         option = f"hyperparameters.model.{name}.checkpoint_name"
         if len(columns) != 1:
             raise InvalidInput("data", f"{name} detects objects in one image column; the data has {columns}")
         config, weights = load_config(options.checkpoint_name, option, assets_dir)
         config = _without_pretrained(config.to_dict())
+        if weights is None and assets_dir is None:  # random weights: nothing is pretrained, so all of it trains
+            backbone = config["model"].get("backbone", {})
+            backbone.update({key: value for key, value in (("frozen_stages", -1), ("norm_eval", False))
+                             if key in backbone})
         _set_num_classes(config["model"], len(problem.classes))
         config.setdefault("test_dataloader", {}).setdefault("dataset", {})["metainfo"] = {"classes": list(problem.classes)}
         self.config = config
         self.detector = MODELS.build(ConfigDict(config["model"]))  # its heads read test_cfg by attribute
+        self.detector.init_weights()  # also what a new task's fresh head starts from (RetinaNet's prior)
         if weights is not None:
             self._load_dumped(weights)
-        else:
-            self.detector.init_weights()
         size = options.image_size or max(_test_scale(config))
         _set_resize_scale(config, size)  # the dumped config's test pipeline resizes as we do
         self.processor = DetectionProcessor(name, columns, problem.label, problem.classes, (size, size))
