@@ -11,6 +11,7 @@ import torch
 from torchmetrics import functional as tmf
 
 from kontinue.api.contract import InvalidInput
+from kontinue.trainer.heads import create_head
 from kontinue.api.families import (BINARY, METRIC_ALIASES, METRICS, MULTICLASS, OBJECT_DETECTION, PROBLEM_TYPES,
                                    REGRESSION)
 
@@ -79,8 +80,6 @@ class Problem:
     # -- how a model for this problem is trained and read; a detector overrides these --------------
     def create_head(self, widths: list[int], hyperparameters: dict[str, Any]) -> torch.nn.Module:
         """A linear layer over one backbone, fusion_mlp over several."""
-        from kontinue.trainer.heads import create_head
-
         return create_head(widths, self.num_outputs, hyperparameters["model.names"], hyperparameters)
 
     def outputs(self, module: torch.nn.Module, batch: dict[str, Any]) -> Any:
