@@ -19,3 +19,8 @@ class InvalidInput(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field, self.message = field, message
+
+# What the operator tells each trainer pod (environment variables), so the run directory can say
+# which run and which attempt wrote it (identity and fencing, kontinue.api.identity).
+RUN_UID_ENV = "KONTINUE_RUN_UID"
+ATTEMPT_ENV = "KONTINUE_ATTEMPT"
