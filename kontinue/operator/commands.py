@@ -73,6 +73,10 @@ def _operator(args: argparse.Namespace) -> int:
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kontinue.dev")
         settings.execution.max_workers = WORKERS
 
+    if not args.standalone:  # one ClusterKopfPeering, created if missing (kontinue/operator/peering.py)
+        from kontinue.operator import peering
+        peering.register(args.peering, lambda: handlers.RUNTIME.api)
+
     if args.metrics_port:
         start_http_server(args.metrics_port)
     kopf.run(
