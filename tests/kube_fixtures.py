@@ -1,71 +1,64 @@
-"""Kubernetes test harness: an API server, a kubelet that runs pods as local processes, and the
-operator as a separate process talking to both over HTTP.
+"""Kubernetes test harness on a real control plane: etcd, kube-apiserver, kube-controller-manager
+and kube-scheduler (tests/control_plane.py, once per session), a kubelet that runs the pods bound
+to its nodes as local processes, and the operator as a separate process with its own credentials.
 
 Registered from tests/conftest.py with ``pytest_plugins = [..., "tests.kube_fixtures"]``.
 
 Fixtures:
 
-* ``kube`` -> :class:`KubeCluster`: kmock's ``KubernetesEmulator`` on 127.0.0.1 in a background
-  thread, extended into a small API server (see :class:`ApiServer`), with the CRDs from crds/
-  installed and the namespaces ``default`` and ``tests`` created.
-* ``kubelet`` -> :class:`Kubelet`: runs the pods labelled ``kontinue.dev/run`` as local processes
-  and reports their status like a kubelet; preempts, kills, OOM-kills and loses them on request.
+* ``control_plane`` (session) -> :class:`ControlPlane`, with the CRDs from crds/ installed. Without
+  envtest's binaries (``KUBEBUILDER_ASSETS``) every test that needs it is skipped, saying how to get them.
+* ``kube`` -> :class:`KubeCluster`: an admin client in a fresh namespace of its own (labelled
+  PodSecurity ``restricted``), with a journal of every write to pods and runs there.
+* ``kubelet`` -> :class:`Kubelet`: Node objects of its own (GPU capacity, a Lease renewed every
+  second) and the pods the scheduler binds to them run as local processes, reported through
+  ``pods/status``; their logs are served to the API server (``pods/log``) over HTTPS.
 * ``operator_process`` -> :class:`OperatorProcess`: ``python -m kontinue operator --standalone
-  --namespace tests`` (or any command) as a subprocess with ``KUBECONFIG`` at the emulator.
+  --namespace NS`` as a subprocess authenticated as a ServiceAccount bound to deploy/operator.yaml's
+  ClusterRole, so the shipped RBAC is what every operator test exercises.
 
-What the emulator does NOT do (the operator has to live with it; a real cluster does these):
+Everything an API does, the API server does (schemas, pruning, CEL, RBAC, PodSecurity admission,
+garbage collection, eviction, scheduling, node lifecycle). What the kubelet does not do:
 
-* No schema validation, defaulting or pruning of custom resources (unknown fields are kept;
-  a real API server drops fields the CRD schema does not declare).
-* Strategic merge patch only merges the lists a pod needs by key (containers, env, conditions,
-  ...); ``$patch`` directives are not supported; server-side apply is refused (415).
-* No admission, RBAC, quotas, namespace lifecycle (objects may go into any namespace), no
-  ``deletecollection``, no eviction subresource, no Foreground cascading (``Orphan`` is honoured,
-  everything else cascades in the background), watches send no BOOKMARKs and never answer
-  410 Gone, ``limit``/``continue`` are ignored, deleting a CRD does not unserve its resource.
-* Binding a pod (the kubelet sets ``spec.nodeName``) counts as a spec change (generation 2).
-* The kubelet restarts nothing: every pod behaves as ``restartPolicy: Never``. Only
-  ``containers[0]`` runs (no init or sidecar containers). Container ``resources``, probes,
-  securityContext and readOnlyRootFilesystem are not enforced; paths outside the mounts are
-  the host's. There is one node, ``kind-worker``.
-* kmock keeps every request in memory (``list(kube.api)``), the kubelet's polls too.
+* Only ``containers[0]`` runs, as a local process (no init or sidecar containers, every pod behaves
+  as ``restartPolicy: Never``); resources, probes, securityContext and readOnlyRootFilesystem are
+  not enforced; paths outside the mounts are the host's.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import copy
 import datetime
+import http.server
+import itertools
 import json
 import logging
 import os
-import random
 import re
 import signal
-import string
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp.web
-import attrs
-import jsonpatch
-import kmock
 import pytest
 import requests
 import yaml
-from kmock._internal import parsing as _kmock_parsing
+
+from tests.control_plane import ADMIN_TOKEN, HOW_TO_GET_THEM, ControlPlane, assets, kubeconfig
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_LABEL = "kontinue.dev/run"
 TERMINAL = ("Succeeded", "Failed")
+OPERATOR_ROLE = "kontinue-operator"  # deploy/operator.yaml's ClusterRole
+JOURNALED = ("pods", "trainingruns", "transferruns")
 logger = logging.getLogger(__name__)
 
 
@@ -75,491 +68,9 @@ def _now(offset: float = 0.0) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-# kmock 0.8 reads "namespaces" in /api/v1/namespaces[/NAME[/status]] as the namespace prefix of a
-# namespaced path and fails to parse it; route those paths to the Namespace resource instead.
-_kmock_parse_path = _kmock_parsing.parse_path
+def _micro_now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
-
-def _parse_path(path: str) -> _kmock_parsing.ParsedPath:
-    parts = path.strip("/").split("/")
-    if parts[:3] == ["api", "v1", "namespaces"] and (
-            len(parts) in (3, 4) or (len(parts) == 5 and parts[4] in ("status", "finalize"))):
-        return _kmock_parsing.ParsedPath("", "v1", "namespaces", None, *(parts[3:] + [None, None])[:2])
-    return _kmock_parse_path(path)
-
-
-_kmock_parsing.parse_path = _parse_path
-
-
-# ---------------------------------------------------------------------------------------------
-# Selectors (label and field), as the API server applies them to list and watch.
-
-_LABEL_REQUIREMENT = re.compile(
-    r"\s*(?P<neg>!)?\s*(?P<key>[\w./-]+)\s*"
-    r"(?:(?P<op>==|=|!=)\s*(?P<value>[\w.-]*)|\s(?P<set>in|notin)\s*\((?P<values>[^)]*)\))?\s*")
-
-
-def _label_matcher(selector: str) -> Callable[[dict], bool]:
-    """`a=b`, `a==b`, `a!=b`, `a`, `!a`, `a in (x,y)`, `a notin (x,y)`, comma-joined (AND)."""
-    checks = []
-    for part in re.split(r",(?![^()]*\))", selector or ""):
-        if not part.strip():
-            continue
-        m = _LABEL_REQUIREMENT.fullmatch(part)
-        if m is None:
-            raise kmock.KubernetesError(400, "BadRequest", f"unable to parse requirement: {part!r}")
-        key, op, value, values = m["key"], m["op"], m["value"], m["values"]
-        if m["neg"]:
-            checks.append(lambda labels, k=key: k not in labels)
-        elif op in ("=", "=="):
-            checks.append(lambda labels, k=key, v=value: labels.get(k) == v)
-        elif op == "!=":
-            checks.append(lambda labels, k=key, v=value: labels.get(k) != v)
-        elif m["set"]:
-            allowed = {v.strip() for v in values.split(",")}
-            inside = m["set"] == "in"
-            checks.append(lambda labels, k=key, a=allowed, i=inside: (labels.get(k) in a) == i)
-        else:
-            checks.append(lambda labels, k=key: k in labels)
-    return lambda body: all(check(body.get("metadata", {}).get("labels") or {}) for check in checks)
-
-
-def _field_matcher(selector: str) -> Callable[[dict], bool]:
-    """`path=value`, `path==value`, `path!=value` on any dotted path (e.g. involvedObject.name)."""
-    checks = []
-    for part in filter(None, (p.strip() for p in (selector or "").split(","))):
-        m = re.fullmatch(r"([\w.]+)\s*(==|=|!=)\s*(.*)", part)
-        if m is None:
-            raise kmock.KubernetesError(400, "BadRequest", f"invalid field selector: {part!r}")
-        checks.append((m[1].split("."), m[2] != "!=", m[3]))
-
-    def value_at(body: Any, path: list[str]) -> str:
-        for key in path:
-            body = body.get(key) if isinstance(body, dict) else None
-        return "" if body is None else str(body)
-
-    return lambda body: all((value_at(body, path) == value) == equal for path, equal, value in checks)
-
-
-# ---------------------------------------------------------------------------------------------
-# Patches
-
-def _merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch: dicts merge recursively, null deletes, everything else replaces."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = _merge_patch(result.get(key), value)
-    return result
-
-
-# Strategic merge: the lists (by field name) that Kubernetes merges by a key instead of replacing.
-_MERGE_KEYS = {"containers": "name", "initContainers": "name", "env": "name", "volumes": "name",
-               "volumeMounts": "mountPath", "conditions": "type", "containerStatuses": "name",
-               "ownerReferences": "uid", "ports": "containerPort"}
-
-
-def _strategic_merge_patch(target: Any, patch: Any) -> Any:
-    if not isinstance(patch, dict) or not isinstance(target, dict):
-        return _merge_patch(target, patch)
-    result = dict(target)
-    for key, value in patch.items():
-        merge_key = _MERGE_KEYS.get(key)
-        if value is None:
-            result.pop(key, None)
-        elif merge_key and isinstance(value, list) and isinstance(result.get(key), list):
-            merged = {item.get(merge_key): item for item in result[key]}
-            for item in value:
-                old = merged.get(item.get(merge_key), {})
-                merged[item.get(merge_key)] = _strategic_merge_patch(old, item)
-            result[key] = list(merged.values())
-        else:
-            result[key] = _strategic_merge_patch(result.get(key), value)
-    return result
-
-
-# ---------------------------------------------------------------------------------------------
-# The API server
-
-ALL_VERBS = ("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch")
-BUILTIN_RESOURCES = {  # path: (kind, namespaced, subresources)
-    "v1/namespaces": ("Namespace", False, ("status",)),
-    "v1/pods": ("Pod", True, ("status", "log")),
-    "v1/events": ("Event", True, ()),
-    "v1/secrets": ("Secret", True, ()),
-    "v1/configmaps": ("ConfigMap", True, ()),
-    "coordination.k8s.io/v1/leases": ("Lease", True, ()),
-    "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False, ("status",)),
-    "kopf.dev/v1/clusterkopfpeerings": ("ClusterKopfPeering", False, ()),
-    "kopf.dev/v1/kopfpeerings": ("KopfPeering", True, ()),
-}
-PODS = kmock.resource("v1/pods")
-CRDS = kmock.resource("apiextensions.k8s.io/v1/customresourcedefinitions")
-SECRETS = kmock.resource("v1/secrets")
-
-
-def _conflict(message: str) -> kmock.KubernetesError:
-    return kmock.KubernetesError(409, "Conflict", message)
-
-
-@attrs.define(kw_only=True)
-class ApiServer(kmock.KubernetesEmulator):
-    """kmock's emulator with the API server's bookkeeping added.
-
-    kmock keeps the objects and routes requests; all writes (create, patch, update, delete) are
-    reimplemented here so that every object gets uid, creationTimestamp, generation (+1 on spec
-    changes), resourceVersion (one global counter, bumped on every write) and its namespace from
-    the URL; `/status` is a real subresource (status changes elsewhere are ignored and vice versa);
-    merge, JSON (with `test` ops -> 422) and strategic merge patches; resourceVersion preconditions
-    (409); finalizers and graceful pod deletion (deletionTimestamp first, removal later); owner
-    garbage collection; label and field selectors; watches resumable from a resourceVersion.
-    """
-
-    log_source: Callable[[str, str], str | None] | None = None  # serves GET pods/NAME/log
-    _rv: int = attrs.field(default=0, init=False)
-    _journal: list = attrs.field(factory=list, init=False)  # (rv, resource, event) of every write
-    _custom: set = attrs.field(factory=set, init=False)  # resources served from CRDs
-    _tasks: set = attrs.field(factory=set, init=False)
-
-    def declare(self, path: str, kind: str, *, namespaced: bool, subresources: Iterable[str] = (),
-                singular: str | None = None, shortnames: Iterable[str] = (),
-                categories: Iterable[str] = ()) -> None:
-        self.resources[path] = kmock.ResourceInfo(
-            kind=kind, namespaced=namespaced, singular=singular or kind.lower(), verbs=ALL_VERBS,
-            shortnames=shortnames, categories=categories, subresources=subresources)
-
-    def _info(self, resource: kmock.resource) -> kmock.ResourceInfo:
-        return self.resources[resource]
-
-    # -- request routing ------------------------------------------------------------------------
-
-    async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
-        resource = request.resource
-        if resource is None or resource.plural is None:  # discovery, /version, non-Kubernetes
-            return await super()._handle(request)
-        if resource not in self.resources:
-            raise kmock.KubernetesResourceNotFoundError()
-        if request.action in (kmock.action.LIST, kmock.action.WATCH, kmock.action.FETCH):
-            return await super()._handle(request)
-        if request.action == kmock.action.CREATE:
-            write = self._create
-        elif request.action == kmock.action.UPDATE or (request.method == "PUT" and request.name):
-            write = self._update
-        elif request.action == kmock.action.DELETE:
-            write = self._delete
-        else:
-            raise kmock.KubernetesError(405, "MethodNotAllowed",
-                                        f"{request.method} {request.url.path} is not emulated")
-        async with self._lock:
-            status, body = await write(request)
-        return aiohttp.web.json_response(body, status=status)
-
-    # -- writes ---------------------------------------------------------------------------------
-
-    def _next_rv(self) -> str:
-        self._rv += 1
-        return str(self._rv)
-
-    async def _emit(self, resource: kmock.resource, kind: str, body: dict) -> None:
-        event = {"type": kind, "object": body}
-        self._journal.append((int(body["metadata"]["resourceVersion"]), resource, event))
-        await self._buses[resource].put(event)
-
-    def _stored(self, resource: kmock.resource, namespace: str | None, name: str) -> dict:
-        key = (resource, namespace if self._info(resource).namespaced else None, name)
-        if key not in self.objects or self.objects[key].deleted:
-            raise kmock.KubernetesError(404, "NotFound", f'{resource.plural} "{name}" not found')
-        return copy.deepcopy(self.objects[key].raw)
-
-    async def _create(self, request: kmock.Request) -> tuple[int, dict]:
-        resource, info = request.resource, self._info(request.resource)
-        if not isinstance(request.data, dict):
-            raise kmock.KubernetesError(400, "BadRequest", "the body must be a JSON object")
-        body = copy.deepcopy(request.data)
-        meta = body.setdefault("metadata", {})
-        if info.namespaced:
-            if request.namespace and meta.get("namespace") not in (None, request.namespace):
-                raise kmock.KubernetesError(400, "BadRequest", "the namespace of the object does "
-                                            "not match the namespace on the request")
-            meta["namespace"] = request.namespace or meta.get("namespace")
-            if not meta["namespace"]:
-                raise kmock.KubernetesError(400, "BadRequest", "a namespace is required")
-        else:
-            meta.pop("namespace", None)
-        if not meta.get("name") and meta.get("generateName"):
-            meta["name"] = meta["generateName"] + "".join(
-                random.choices(string.ascii_lowercase + string.digits, k=5))
-        if not meta.get("name"):
-            raise kmock.KubernetesError(422, "Invalid", "metadata.name: Required value")
-        key = (resource, meta.get("namespace"), meta["name"])
-        if key in self.objects and not self.objects[key].deleted:
-            raise kmock.KubernetesError(409, "AlreadyExists",
-                                        f'{resource.plural} "{meta["name"]}" already exists')
-        group_version = f"{resource.group}/{resource.version}".lstrip("/")
-        body.setdefault("apiVersion", group_version)
-        body.setdefault("kind", info.kind)
-        for system_field in ("deletionTimestamp", "deletionGracePeriodSeconds"):
-            meta.pop(system_field, None)
-        meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1,
-                    resourceVersion=self._next_rv())
-        if "status" in info.subresources:  # the status of a new object is the server's to set
-            body.pop("status", None)
-        if resource == PODS:
-            self._default_pod(body)
-        elif resource == SECRETS:
-            self._normalise_secret(body)
-        elif resource == CRDS:
-            self._serve_crd(body)
-        elif resource == kmock.resource("v1/namespaces"):
-            body["status"] = {"phase": "Active"}
-        if key in self.objects:
-            self.objects[key].create(body)
-        else:
-            self.objects[key] = body
-        await self._emit(resource, "ADDED", body)
-        return 201, body
-
-    async def _update(self, request: kmock.Request) -> tuple[int, dict]:
-        resource, info = request.resource, self._info(request.resource)
-        old = self._stored(resource, request.namespace, request.name)
-        subresource = request.subresource
-        if subresource not in (None, "status") or (subresource and subresource not in info.subresources):
-            raise kmock.KubernetesError(404, "NotFound", f"no subresource {subresource!r}")
-        content_type = next((value for key, value in request.headers.items()
-                             if key.lower() == "content-type"), "").split(";")[0].strip()
-        precondition = None
-        if request.method != "PATCH" or content_type != "application/json-patch+json":
-            if not isinstance(request.data, dict):
-                raise kmock.KubernetesError(400, "BadRequest", "the body must be a JSON object")
-        if request.method == "PUT":
-            new = copy.deepcopy(request.data)
-            precondition = (new.get("metadata") or {}).get("resourceVersion")
-        elif content_type == "application/json-patch+json":
-            try:
-                new = jsonpatch.apply_patch(old, request.data)
-            except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as e:
-                raise kmock.KubernetesError(422, "Invalid", f"the patch cannot be applied: {e}")
-        elif content_type == "application/merge-patch+json" or (
-                content_type == "application/strategic-merge-patch+json" and resource not in self._custom):
-            precondition = (request.data.get("metadata") or {}).get("resourceVersion")
-            merge = _merge_patch if content_type == "application/merge-patch+json" else _strategic_merge_patch
-            new = merge(old, request.data)
-        else:
-            raise kmock.KubernetesError(415, "UnsupportedMediaType",
-                                        f"the patch type {content_type!r} is not supported here")
-        if precondition is not None and precondition != old["metadata"]["resourceVersion"]:
-            raise _conflict(f'Operation cannot be fulfilled on {resource.plural} "{request.name}": '
-                            "the object has been modified; please apply your changes to the "
-                            "latest version and try again")
-        # What a client cannot change, and the isolation of the status subresource:
-        meta, old_meta = new.setdefault("metadata", {}), old["metadata"]
-        for fixed in ("uid", "name", "namespace", "creationTimestamp", "generation",
-                      "deletionTimestamp", "deletionGracePeriodSeconds"):
-            if fixed in old_meta:
-                meta[fixed] = old_meta[fixed]
-            else:
-                meta.pop(fixed, None)
-        new["apiVersion"], new["kind"] = old["apiVersion"], old["kind"]
-        if subresource == "status":  # only the status changes, whatever else the client sent
-            status, new = new.get("status"), copy.deepcopy(old)
-            new.pop("status", None)
-            if status is not None:
-                new["status"] = status
-        elif "status" in info.subresources:  # and the status does not change here
-            new.pop("status", None)
-            if "status" in old:
-                new["status"] = old["status"]
-        meta = new["metadata"]
-        if old_meta.get("deletionTimestamp") and set(meta.get("finalizers") or []) - set(
-                old_meta.get("finalizers") or []):
-            raise kmock.KubernetesError(422, "Forbidden", "no new finalizers can be added if "
-                                        "the object is being deleted")
-        if resource == SECRETS:
-            self._normalise_secret(new)
-        meta["resourceVersion"] = old_meta["resourceVersion"]
-        if new == old:  # a no-op write: no new resourceVersion, no watch event
-            return 200, old
-        if subresource is None and new.get("spec") != old.get("spec"):
-            meta["generation"] = old_meta.get("generation", 1) + 1
-        meta["resourceVersion"] = self._next_rv()
-        key = (resource, meta.get("namespace"), meta["name"])
-        self.objects[key].history.append(new)
-        await self._emit(resource, "MODIFIED", new)
-        if meta.get("deletionTimestamp") and not meta.get("finalizers") and not meta.get(
-                "deletionGracePeriodSeconds"):  # released (a pod in its grace period stays)
-            await self._remove(resource, key)
-        return 200, new
-
-    async def _delete(self, request: kmock.Request) -> tuple[int, dict]:
-        options = request.data if isinstance(request.data, dict) else {}
-        grace = options.get("gracePeriodSeconds", request.params.get("gracePeriodSeconds"))
-        propagation = options.get("propagationPolicy", request.params.get("propagationPolicy"))
-        old = self._stored(request.resource, request.namespace, request.name)
-        for field_name, wanted in (options.get("preconditions") or {}).items():
-            if wanted is not None and old["metadata"].get(field_name) != wanted:
-                raise _conflict(f"Precondition failed: {field_name} is {old['metadata'].get(field_name)}")
-        return 200, await self._delete_object(request.resource, old, None if grace is None else int(grace),
-                                              orphan=propagation == "Orphan")
-
-    async def _delete_object(self, resource: kmock.resource, old: dict, grace: int | None,
-                             orphan: bool = False) -> dict:
-        meta = old["metadata"]
-        key = (resource, meta.get("namespace"), meta["name"])
-        # A pod on a node is deleted gracefully: it is marked, the kubelet stops its containers
-        # and then deletes it for good with grace 0. Unscheduled and finished pods go at once.
-        graceful = (resource == PODS and old["spec"].get("nodeName") and grace != 0
-                    and (old.get("status") or {}).get("phase") not in TERMINAL)
-        grace = (old["spec"].get("terminationGracePeriodSeconds", 30) if grace is None else grace) if graceful else 0
-        if not graceful and not meta.get("finalizers"):
-            return await self._remove(resource, key, orphan=orphan)
-        if meta.get("deletionTimestamp") and grace >= meta.get("deletionGracePeriodSeconds", 0):
-            return old  # marked already; a deletion may only shorten the grace period
-        new = copy.deepcopy(old)
-        new["metadata"].update(deletionTimestamp=_now(grace), deletionGracePeriodSeconds=grace,
-                               resourceVersion=self._next_rv())
-        self.objects[key].history.append(new)
-        await self._emit(resource, "MODIFIED", new)
-        return new
-
-    async def _remove(self, resource: kmock.resource, key: tuple, orphan: bool = False) -> dict:
-        body = copy.deepcopy(self.objects[key].raw)
-        body["metadata"]["resourceVersion"] = self._next_rv()
-        self.objects[key].delete()
-        await self._emit(resource, "DELETED", body)
-        if not orphan:  # the garbage collector runs in the background, as in kube-controller-manager
-            task = asyncio.get_running_loop().create_task(self._collect_garbage(body["metadata"]["uid"]))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        return body
-
-    async def _collect_garbage(self, owner_uid: str) -> None:
-        async with self._lock:
-            alive = {obj.raw["metadata"].get("uid") for obj in self.objects.values() if not obj.deleted}
-            for (resource, _, _), obj in list(self.objects.items()):
-                if obj.deleted:
-                    continue
-                body = copy.deepcopy(obj.raw)
-                refs = body["metadata"].get("ownerReferences") or []
-                if not any(ref.get("uid") == owner_uid for ref in refs):
-                    continue
-                if any(ref.get("uid") in alive for ref in refs):  # another owner lives: just unlink
-                    body["metadata"]["ownerReferences"] = [r for r in refs if r.get("uid") != owner_uid]
-                    body["metadata"]["resourceVersion"] = self._next_rv()
-                    obj.history.append(body)
-                    await self._emit(resource, "MODIFIED", body)
-                else:
-                    await self._delete_object(resource, body, grace=None)
-
-    def _default_pod(self, body: dict) -> None:
-        spec = body.setdefault("spec", {})
-        spec.setdefault("restartPolicy", "Always")
-        spec.setdefault("terminationGracePeriodSeconds", 30)
-        for container in spec.get("containers") or []:
-            container.setdefault("terminationMessagePath", "/dev/termination-log")
-            container.setdefault("terminationMessagePolicy", "File")
-        body["status"] = {"phase": "Pending"}
-
-    @staticmethod
-    def _normalise_secret(body: dict) -> None:
-        """The API server stores stringData base64-encoded into data and never returns it."""
-        for key, value in (body.pop("stringData", None) or {}).items():
-            body.setdefault("data", {})[key] = base64.b64encode(value.encode()).decode()
-
-    def _serve_crd(self, crd: dict) -> None:
-        spec = crd["spec"]
-        names = spec["names"]
-        for version in spec["versions"]:
-            if version.get("served", True):
-                path = f"{spec['group']}/{version['name']}/{names['plural']}"
-                self.declare(path, names["kind"], namespaced=spec.get("scope") == "Namespaced",
-                             subresources=(version.get("subresources") or {}).keys(),
-                             singular=names.get("singular"), shortnames=names.get("shortNames", ()),
-                             categories=names.get("categories", ()))
-                self._custom.add(kmock.resource(path))
-        crd["status"] = {"acceptedNames": names, "storedVersions": [
-            v["name"] for v in spec["versions"] if v.get("storage")], "conditions": [
-            {"type": t, "status": "True", "lastTransitionTime": _now()} for t in ("NamesAccepted", "Established")]}
-
-    # -- reads ----------------------------------------------------------------------------------
-
-    def _matcher(self, request: kmock.Request) -> Callable[[dict], bool]:
-        labels = _label_matcher(request.params.get("labelSelector", ""))
-        fields = _field_matcher(request.params.get("fieldSelector", ""))
-        namespace, name = request.namespace, request.name
-        return lambda body: (
-            (namespace is None or body["metadata"].get("namespace") == namespace)
-            and (name is None or body["metadata"]["name"] == name)
-            and labels(body) and fields(body))
-
-    def _select(self, resource: kmock.resource, matches: Callable[[dict], bool]) -> list[dict]:
-        bodies = [obj.raw for (res, _, _), obj in self.objects.items()
-                  if res == resource and not obj.deleted and matches(obj.raw)]
-        return sorted(bodies, key=lambda b: (b["metadata"].get("namespace") or "", b["metadata"]["name"]))
-
-    async def _serve_list(self, request: kmock.Request) -> dict:
-        matches = self._matcher(request)
-        async with self._lock:
-            items = self._select(request.resource, matches)
-            version = str(self._rv)
-        resource = request.resource
-        return {"apiVersion": f"{resource.group}/{resource.version}".lstrip("/"),
-                "kind": f"{self._info(resource).kind}List",
-                "metadata": {"resourceVersion": version}, "items": items}
-
-    async def _serve_fetch(self, request: kmock.Request) -> Any:
-        async with self._lock:
-            body = self._stored(request.resource, request.namespace, request.name)
-        if request.subresource == "log" and request.resource == PODS:
-            text = self.log_source(request.namespace, request.name) if self.log_source else None
-            if text is None:
-                raise kmock.KubernetesError(400, "BadRequest", f'container of pod "{request.name}" '
-                                            "has not started")
-            if request.params.get("tailLines"):
-                text = "".join(text.splitlines(keepends=True)[-int(request.params["tailLines"]):])
-            return kmock.Response(payload=text.encode(), headers={"Content-Type": "text/plain"})
-        if request.subresource not in (None, "status"):
-            raise kmock.KubernetesError(404, "NotFound", f"no subresource {request.subresource!r}")
-        return body
-
-    async def _serve_watch(self, request: kmock.Request):
-        yield b""  # send the headers now: the stream is open even if nothing happens
-        matches = self._matcher(request)
-        since = request.params.get("resourceVersion") or "0"
-        timeout = request.params.get("timeoutSeconds")
-        bus = self._buses[request.resource]
-        async with self._lock:  # no write can slip between the backlog and the live stream
-            mark = await bus.mark()
-            if since == "0" or not since.isdigit():
-                backlog = [{"type": "ADDED", "object": body}
-                           for body in self._select(request.resource, matches)]
-            else:
-                backlog = [event for rv, resource, event in self._journal
-                           if rv > int(since) and resource == request.resource and matches(event["object"])]
-        stream = bus.stream(since=mark)
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + float(timeout)
-        try:
-            for event in backlog:
-                yield event
-            while True:
-                remaining = None if deadline is None else max(0.0, deadline - loop.time())
-                try:
-                    event = await asyncio.wait_for(anext(stream), remaining)
-                except TimeoutError:
-                    return
-                if matches(event["object"]):
-                    yield event
-        finally:
-            await stream.aclose()
-            await bus.unmark(mark)
-
-
-# ---------------------------------------------------------------------------------------------
-# The cluster as the tests see it: a server thread plus a small HTTP client.
 
 class ApiError(Exception):
     def __init__(self, status: int, body: Any):
@@ -597,110 +108,49 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str | No
     raise TimeoutError("\n".join(message))
 
 
-class KubeCluster:
-    """The emulated API server, in a background thread with its own event loop, and a client."""
+@dataclass(frozen=True)
+class Resource:
+    group: str
+    version: str
+    plural: str
+    kind: str
+    namespaced: bool
 
-    def __init__(self, namespace: str = "tests"):
-        self.namespace = namespace
-        self.url = ""
-        self.api: ApiServer | None = None
-        self.dumpers: list[Callable[[], str]] = []  # more state for wait_for's timeout message
+    @property
+    def prefix(self) -> str:
+        return f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+
+
+class Client:
+    """A small JSON client for one bearer token (admin by default), by plural, kind or path."""
+
+    def __init__(self, plane: ControlPlane, token: str = ADMIN_TOKEN, namespace: str = "default"):
+        self.plane, self.token, self.namespace = plane, token, namespace
         self._local = threading.local()
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._loop = None
-        self._stopping = None
-        self._error: BaseException | None = None
+        self._resources: dict[str, Resource] = {}
 
-    # -- lifecycle ------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return self.plane.url
 
-    def start(self) -> KubeCluster:
-        self._thread = threading.Thread(target=self._serve_forever, name="kube-api", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(15) or self._error:
-            raise RuntimeError(f"the API server did not start: {self._error!r}")
-        for path in sorted((REPO / "crds").glob("*.yaml")):
-            for crd in yaml.safe_load_all(path.read_text()):
-                self.create(crd)
-        for name in ("default", self.namespace):
-            self.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
-        return self
-
-    def _serve_forever(self) -> None:
-        async def serve() -> None:
-            self._loop = asyncio.get_running_loop()
-            self._stopping = asyncio.Event()
-            self.api = ApiServer()
-            for path, (kind, namespaced, subresources) in BUILTIN_RESOURCES.items():
-                self.api.declare(path, kind, namespaced=namespaced, subresources=subresources)
-            async with self.api, kmock.Server(self.api, host="127.0.0.1") as server:
-                self.url = str(server.url).rstrip("/")
-                self._ready.set()
-                await self._stopping.wait()
-
-        try:
-            asyncio.run(serve())
-        except BaseException as e:  # noqa: BLE001 - reported by start()
-            self._error = e
-            self._ready.set()
-
-    def stop(self) -> None:
-        if self._loop is not None and self._thread and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stopping.set)
-            self._thread.join(15)
-
-    def kubeconfig(self, path: str | os.PathLike) -> Path:
-        """Write a kubeconfig pointing at the emulator (for `KUBECONFIG=...`)."""
-        path = Path(path)
-        config = {
-            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-            "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
-            "users": [{"name": "tester", "user": {"token": "emulator-token"}}],
-            "contexts": [{"name": "emulator", "context": {
-                "cluster": "emulator", "user": "tester", "namespace": self.namespace}}],
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(config))
-        return path
-
-    def api_client(self):
-        """A `kubernetes.client.ApiClient` for the typed API classes (CoreV1Api(kube.api_client()))."""
-        import kubernetes
-
-        configuration = kubernetes.client.Configuration()
-        configuration.host = self.url
-        return kubernetes.client.ApiClient(configuration)
-
-    # -- HTTP client ----------------------------------------------------------------------------
-
-    def _resource(self, ref: str) -> tuple[kmock.resource, kmock.ResourceInfo]:
-        """By plural (`pods`), kind (`Pod`) or path (`v1/pods`, `kontinue.dev/v1alpha1/trainingruns`)."""
-        for resource in list(self.api.resources):
-            info = self.api.resources[resource]
-            path = f"{resource.group}/{resource.version}/{resource.plural}".lstrip("/")
-            if ref in (resource.plural, info.kind, path):
-                return resource, info
-        raise KeyError(f"unknown resource {ref!r}")
-
-    def _path(self, ref: str, namespace: str | None = None, name: str | None = None,
-              subresource: str | None = None) -> str:
-        resource, info = self._resource(ref)
-        path = f"/api/{resource.version}" if not resource.group else f"/apis/{resource.group}/{resource.version}"
-        if info.namespaced and namespace:
-            path += f"/namespaces/{namespace}"
-        path += f"/{resource.plural}"
-        return path + "".join(f"/{part}" for part in (name, subresource) if part)
-
-    def request(self, method: str, path: str, *, body: Any = None, params: dict | None = None,
-                content_type: str = "application/json", missing_ok: bool = False) -> Any:
+    def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = requests.Session()
-        response = session.request(
-            method, self.url + path, params=params, timeout=30,
+            session.headers["Authorization"] = f"Bearer {self.token}"
+        return session
+
+    def request(self, method: str, path: str, *, body: Any = None, params: dict | None = None,
+                content_type: str = "application/json", missing_ok: bool = False, raw: bool = False,
+                timeout: float = 30) -> Any:
+        # verify= per request: a Session's is overridden by REQUESTS_CA_BUNDLE when that is set
+        response = self._session().request(
+            method, self.url + path, params=params, timeout=timeout, verify=str(self.plane.ca),
             data=None if body is None else json.dumps(body), headers={"Content-Type": content_type})
         if response.status_code == 404 and missing_ok:
             return None
+        if raw and response.status_code < 400:
+            return response.text
         try:
             payload = response.json()
         except ValueError:
@@ -709,20 +159,52 @@ class KubeCluster:
             raise ApiError(response.status_code, payload)
         return payload
 
-    def create(self, obj: dict) -> dict:
-        group, _, version = obj["apiVersion"].rpartition("/")
-        for resource in list(self.api.resources):
-            if (resource.group, resource.version, self.api.resources[resource].kind) == (group, version, obj["kind"]):
-                break
-        else:
-            raise KeyError(f"unknown kind {obj['apiVersion']}/{obj['kind']}")
-        namespace = obj.get("metadata", {}).get("namespace") or self.namespace
-        path = self._path(f"{group}/{version}/{resource.plural}".lstrip("/"), namespace)
-        return self.request("POST", path, body=obj)
+    # -- discovery ------------------------------------------------------------------------------
+
+    def resource(self, ref: str) -> Resource:
+        """By plural (`pods`), kind (`Pod`) or path (`v1/pods`, `kontinue.dev/v1alpha1/trainingruns`)."""
+        if ref not in self._resources:
+            self._discover()
+        if ref not in self._resources:
+            raise KeyError(f"the API server serves no resource {ref!r}")
+        return self._resources[ref]
+
+    def _discover(self) -> None:
+        versions = [("", "v1")] + [
+            (group["name"], group["preferredVersion"]["version"])
+            for group in self.request("GET", "/apis")["groups"]]
+        for group, version in versions:
+            prefix = f"/apis/{group}/{version}" if group else f"/api/{version}"
+            for item in self.request("GET", prefix)["resources"]:
+                if "/" in item["name"]:
+                    continue
+                resource = Resource(group, version, item["name"], item["kind"], item["namespaced"])
+                path = f"{group}/{version}/{item['name']}".lstrip("/")
+                for key in (path, item["name"], item["kind"]):
+                    self._resources.setdefault(key, resource)
+                self._resources[f"{group}/{version}/{item['kind']}".lstrip("/")] = resource
+
+    def path(self, ref: str, namespace: str | None = None, name: str | None = None,
+             subresource: str | None = None) -> str:
+        resource = self.resource(ref)
+        path = resource.prefix
+        if resource.namespaced and namespace:
+            path += f"/namespaces/{namespace}"
+        path += f"/{resource.plural}"
+        return path + "".join(f"/{part}" for part in (name, subresource) if part)
+
+    # -- verbs ----------------------------------------------------------------------------------
+
+    def create(self, obj: dict, namespace: str | None = None) -> dict:
+        resource = self.resource(f"{obj['apiVersion']}/{obj['kind']}")
+        namespace = obj.get("metadata", {}).get("namespace") or namespace or self.namespace
+        return self.request("POST", self.path(resource.plural if not resource.group else
+                                              f"{resource.group}/{resource.version}/{resource.plural}",
+                                              namespace), body=obj)
 
     def get(self, resource: str, namespace: str | None, name: str) -> dict | None:
         """The object, or None if there is none."""
-        return self.request("GET", self._path(resource, namespace, name), missing_ok=True)
+        return self.request("GET", self.path(resource, namespace, name), missing_ok=True)
 
     def list(self, resource: str, namespace: str | None = None, labels: dict | str | None = None,
              fields: str | None = None) -> list[dict]:
@@ -730,35 +212,180 @@ class KubeCluster:
         if isinstance(labels, dict):
             labels = ",".join(key if value is None else f"{key}={value}" for key, value in labels.items())
         params = {key: value for key, value in (("labelSelector", labels), ("fieldSelector", fields)) if value}
-        return self.request("GET", self._path(resource, namespace), params=params)["items"]
+        return self.request("GET", self.path(resource, namespace), params=params)["items"]
 
     def patch(self, resource: str, namespace: str | None, name: str, patch: Any, *,
               subresource: str | None = None, type: str = "merge") -> dict:
         """`type`: merge (RFC 7386), json (RFC 6902) or strategic."""
         content_type = {"merge": "application/merge-patch+json", "json": "application/json-patch+json",
                         "strategic": "application/strategic-merge-patch+json"}[type]
-        return self.request("PATCH", self._path(resource, namespace, name, subresource),
+        return self.request("PATCH", self.path(resource, namespace, name, subresource),
                             body=patch, content_type=content_type)
 
     def delete(self, resource: str, namespace: str | None, name: str, *, grace: int | None = None,
-               propagation: str | None = None, missing_ok: bool = True) -> dict | None:
-        options = {key: value for key, value in (("gracePeriodSeconds", grace),
-                                                  ("propagationPolicy", propagation)) if value is not None}
-        return self.request("DELETE", self._path(resource, namespace, name),
-                            body=options or None, missing_ok=missing_ok)
+               propagation: str | None = None, uid: str | None = None, missing_ok: bool = True) -> dict | None:
+        options = {key: value for key, value in (("gracePeriodSeconds", grace), ("propagationPolicy", propagation),
+                                                  ("preconditions", uid and {"uid": uid})) if value is not None}
+        try:
+            return self.request("DELETE", self.path(resource, namespace, name),
+                                body=options or None, missing_ok=missing_ok)
+        except ApiError as e:
+            if missing_ok and e.status == 409 and uid:  # a newer object of that name: not ours to delete
+                return None
+            raise
+
+    def evict(self, pod: str, namespace: str | None = None, grace: int | None = None) -> dict:
+        """The Eviction API (what `kubectl drain` uses): honours PodDisruptionBudgets (429 if one forbids)."""
+        namespace = namespace or self.namespace
+        body = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": pod, "namespace": namespace}}
+        if grace is not None:
+            body["deleteOptions"] = {"gracePeriodSeconds": grace}
+        return self.request("POST", self.path("pods", namespace, pod, "eviction"), body=body)
+
+    def request_token(self, service_account: str, namespace: str, seconds: int = 7200) -> str:
+        """A token of the ServiceAccount from the TokenRequest API (what `kubectl create token` does)."""
+        request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                   "spec": {"expirationSeconds": seconds}}
+        return self.request("POST", self.path("serviceaccounts", namespace, service_account, "token"),
+                            body=request)["status"]["token"]
+
+    def kubeconfig(self, path: str | os.PathLike, *, token: str | None = None, user: str = "admin",
+                   namespace: str | None = None) -> Path:
+        """A kubeconfig for this client's token, or another one (for `KUBECONFIG=...`)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(kubeconfig(self.url, self.plane.ca, user, token or self.token, namespace or self.namespace))
+        return path
+
+    def apply_all(self, documents: Iterable[dict], namespace: str | None = None) -> None:
+        """Create each document, or replace it where it exists (cluster setup, not what tests check)."""
+        for document in documents:
+            if not document:
+                continue
+            try:
+                self.create(document, namespace)
+            except ApiError as e:
+                if e.status != 409:
+                    raise
+
+
+class Journal:
+    """Every write to pods and runs in one namespace, in order, from watches that started before the
+    test's first write: for asserting on states too brief to catch by polling (pod lifetimes,
+    every status a run went through). Entries: (resourceVersion, plural, watch event)."""
+
+    def __init__(self, client: Client, namespace: str, plurals: Iterable[str] = JOURNALED):
+        self.client, self.namespace = client, namespace
+        self.entries: list[tuple[int, str, dict]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = []
+        for plural in plurals:
+            start = self.client.request("GET", self.client.path(plural, namespace), params={"limit": 1})
+            thread = threading.Thread(target=self._watch, args=(plural, start["metadata"]["resourceVersion"]),
+                                      name=f"journal-{plural}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _watch(self, plural: str, version: str) -> None:
+        while not self._stop.is_set():
+            try:
+                response = self.client._session().get(
+                    self.client.url + self.client.path(plural, self.namespace), stream=True, timeout=(10, 30),
+                    verify=str(self.client.plane.ca),
+                    params={"watch": "1", "resourceVersion": version, "allowWatchBookmarks": "true",
+                            "timeoutSeconds": "20"})
+                for line in response.iter_lines():
+                    if self._stop.is_set():
+                        return
+                    event = json.loads(line)
+                    if event["type"] == "ERROR":  # 410 Gone cannot happen within a test: say so loudly
+                        logger.error("journal watch of %s failed: %s", plural, event["object"])
+                        return
+                    version = event["object"]["metadata"]["resourceVersion"]
+                    if event["type"] != "BOOKMARK":
+                        with self._lock:
+                            self.entries.append((int(version), plural, event))
+            except (requests.RequestException, ValueError):
+                if not self._stop.wait(0.2):
+                    continue
+
+    def settle(self, client: Client) -> None:
+        """Wait until the journal holds the current version of every object there is now (the
+        watches lag a little), then a moment more for deletions, which leave nothing to compare."""
+        def caught_up() -> bool:
+            seen = {(plural, event["object"]["metadata"]["resourceVersion"]) for _, plural, event in list(self.entries)}
+            return all((plural, obj["metadata"]["resourceVersion"]) in seen
+                       for plural in JOURNALED for obj in client.list(plural, self.namespace))
+        wait_for(caught_up, 10, "the journal to catch up")
+        time.sleep(0.3)
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class KubeCluster(Client):
+    """The test's view of the cluster: an admin client in its own namespace, with a journal."""
+
+    _count = itertools.count(1)
+
+    def __init__(self, plane: ControlPlane, name: str = "tests"):
+        slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:40].strip("-")
+        super().__init__(plane, namespace=f"t{next(self._count)}-{slug}")
+        self.dumpers: list[Callable[[], str]] = [plane.dump]
+        self.journal: Journal | None = None
+
+    def start(self, *, pod_security: str = "restricted") -> KubeCluster:
+        self.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": self.namespace, "labels": {
+            "pod-security.kubernetes.io/enforce": pod_security,
+            "pod-security.kubernetes.io/enforce-version": "latest"}}})
+        self.journal = Journal(self, self.namespace)
+        return self
+
+    def stop(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
+        self.delete("namespaces", None, self.namespace)  # the namespace controller empties it
+
+    def api_client(self, token: str | None = None):
+        """A `kubernetes.client.ApiClient` for the typed API classes (CoreV1Api(kube.api_client()))."""
+        import kubernetes
+
+        configuration = kubernetes.client.Configuration()
+        configuration.host = self.url
+        configuration.ssl_ca_cert = str(self.plane.ca)
+        configuration.api_key = {"authorization": f"Bearer {token or self.token}"}
+        return kubernetes.client.ApiClient(configuration)
+
+    def service_account_token(self, name: str, cluster_role: str | None = None) -> str:
+        """A ServiceAccount in the test's namespace, bound (cluster-wide) to `cluster_role`; its token."""
+        self.apply_all([{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}}], self.namespace)
+        if cluster_role:
+            self.apply_all([{
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                "metadata": {"name": f"{self.namespace}-{name}"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role},
+                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": self.namespace}]}])
+        return self.request_token(name, self.namespace)
 
     def events(self, namespace: str | None = None, involved_name: str | None = None) -> list[dict]:
         """Core v1 Events, oldest first; optionally only those about objects with that name."""
         fields = f"involvedObject.name={involved_name}" if involved_name else None
-        items = self.list("events", namespace, fields=fields)
+        items = self.list("events", namespace or self.namespace, fields=fields)
         return sorted(items, key=lambda e: int(e["metadata"]["resourceVersion"]))
 
+    def writes(self) -> list[tuple[int, str, dict]]:
+        """The journal: every write to pods and runs in the namespace so far, in order."""
+        self.journal.settle(self)
+        return sorted(list(self.journal.entries), key=lambda entry: entry[0])
+
     def history(self, resource: str, namespace: str | None, name: str) -> list[dict | None]:
-        """Every version the object had (None marks a deletion), read from the server's memory:
-        for asserting on states that lasted too briefly to catch by polling."""
-        res, info = self._resource(resource)
-        obj = self.api.objects[res, namespace if info.namespaced else None, name]
-        return [None if version is None else copy.deepcopy(version.raw) for version in obj.history]
+        """Every version the object had (None marks a deletion), from the journal."""
+        plural = self.resource(resource).plural
+        return [None if event["type"] == "DELETED" else event["object"]
+                for _, kind, event in self.writes()
+                if kind == plural and event["object"]["metadata"]["name"] == name
+                and event["object"]["metadata"].get("namespace") == (namespace or self.namespace)]
 
     # -- waiting and debugging ------------------------------------------------------------------
 
@@ -778,20 +405,22 @@ class KubeCluster:
 
         def dump() -> str:
             obj = self.get(resource, namespace, name)
+            (obj or {}).get("metadata", {}).pop("managedFields", None)
             return f"--- {resource} {namespace}/{name}:\n{yaml.safe_dump(obj)}\n{self.dump(namespace)}"
         return wait_for(check, timeout, what or f"{resource} {namespace}/{name}", dump=dump)
 
     def dump(self, namespace: str | None = None) -> str:
         """The custom resources and pods (status only), the latest events, and what the kubelet
         and operator fixtures add (log tails)."""
+        namespace = namespace or self.namespace
         lines = []
         for resource in ("trainingruns", "transferruns", "pods"):
             for obj in self.list(resource, namespace):
                 meta = obj["metadata"]
                 shown = obj if resource != "pods" else {
                     "metadata": {k: meta.get(k) for k in ("labels", "deletionTimestamp", "uid")},
-                    "status": obj.get("status")}
-                lines.append(f"--- {obj['kind']} {meta.get('namespace')}/{meta['name']}:\n"
+                    "spec": {"nodeName": obj["spec"].get("nodeName")}, "status": obj.get("status")}
+                lines.append(f"--- {self.resource(resource).kind} {meta.get('namespace')}/{meta['name']}:\n"
                              + yaml.safe_dump(shown, width=120))
         lines.append("--- latest events:")
         for event in self.events(namespace)[-15:]:
@@ -819,6 +448,7 @@ class _PodRecord:
     dir: Path
     grace: float
     message_policy: str
+    node: str = ""
     proc: subprocess.Popen | None = None
     container_id: str = ""
     started_at: str | None = None
@@ -883,7 +513,8 @@ def _image_unreachable(image: str) -> bool:
 
 
 class Kubelet:
-    """Runs the pods the selector matches as local processes and reports them like a kubelet.
+    """Plays the nodes: Node objects with GPU capacity and a Lease renewed every second, and the pods
+    the scheduler binds to them run as local processes and are reported like a kubelet does.
 
     `spec.containers[0]`'s command + args run with its env (values, Secret/ConfigMap keys, pod
     fields), its volumes mapped to host directories (emptyDir: a fresh directory per pod;
@@ -891,17 +522,18 @@ class Kubelet:
     secret/configMap: the keys as files), and the mount paths rewritten in args and env values
     (except under `shared_paths`, host paths every "node" sees, such as pytest's temp root). A
     leading `kontinue` runs `sys.executable -m kontinue`. The termination message file is passed
-    as `KONTINUE_TERMINATION_LOG`. Images from a `*.invalid` registry never pull.
+    as `KONTINUE_TERMINATION_LOG`. Images from a `*.invalid` registry never pull. Container logs
+    are served over HTTPS to the API server, which proxies `pods/log` (kubectl logs) to them.
     """
 
-    node_name = "kind-worker"
-
     def __init__(self, kube: KubeCluster, root: Path, *, shared_paths: Iterable[Path] = (),
-                 selector: str = RUN_LABEL, interval: float = 0.1):
+                 selector: str | None = None, interval: float = 0.1):
         self.kube, self.root, self.selector, self.interval = kube, Path(root), selector, interval
         self.shared_paths = [Path(p) for p in shared_paths]
+        self.nodes: list[str] = []  # this kubelet's nodes, in the order they were added
         self.started: list[str] = []  # names of the pods whose process started, in order
         self.errors: list[str] = []  # exceptions of the loop, for the dump
+        self._lost: set[str] = set()  # nodes that died: no heartbeat, no status, processes killed
         self._pods: dict[str, _PodRecord] = {}  # by uid: pods the API still has
         self._orphans: list[_PodRecord] = []  # processes of pods deleted for good, being stopped
         self._records: list[_PodRecord] = []  # every pod ever admitted, for logs()
@@ -909,23 +541,79 @@ class Kubelet:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kubelet", daemon=True)
+        self._heart = threading.Thread(target=self._heartbeats, name="kubelet-leases", daemon=True)
+        self._server = _LogServer(self, kube.plane)
+
+    @property
+    def node_name(self) -> str:
+        """The first node (where a test with one node finds its pods)."""
+        return self.nodes[0]
 
     # -- test-facing API ------------------------------------------------------------------------
 
-    def start(self) -> Kubelet:
-        self.kube.api.log_source = self._log_source
+    def start(self, nodes: int = 1, gpus: int = 8) -> Kubelet:
         self.kube.dumpers.append(self.dump)
+        self._server.start()
+        for _ in range(nodes):
+            self.add_node(gpus=gpus)
         self._thread.start()
+        self._heart.start()
         return self
+
+    def add_node(self, name: str | None = None, *, gpus: int = 8, labels: dict | None = None,
+                 taints: list[dict] | None = None) -> str:
+        """Register a Node (capacity, Ready, its Lease) and wait until the node-lifecycle controller
+        has lifted the not-ready taint that admission puts on every new Node."""
+        name = name or f"{self.kube.namespace}-node-{len(self.nodes) + 1}"
+        self.kube.create({"apiVersion": "v1", "kind": "Node", "metadata": {
+            "name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", **(labels or {})}},
+            "spec": {"taints": taints} if taints else {}})
+        capacity = {"cpu": "16", "memory": "64Gi", "pods": "110", "ephemeral-storage": "100Gi",
+                    "nvidia.com/gpu": str(gpus)}
+        self.kube.patch("nodes", None, name, {"status": {
+            "capacity": capacity, "allocatable": capacity,
+            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": name}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self._server.port}},
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                            "message": "the test harness plays this node", "lastHeartbeatTime": _now(),
+                            "lastTransitionTime": _now()}],
+            "nodeInfo": {"kubeletVersion": "v1.36.2", "operatingSystem": "linux", "architecture": "amd64",
+                         "containerRuntimeVersion": "harness://1", "kernelVersion": "", "osImage": "",
+                         "machineID": "", "systemUUID": "", "bootID": "", "kubeProxyVersion": ""}}},
+            subresource="status")
+        self._renew(name)
+        with self._lock:
+            self.nodes.append(name)
+        self.kube.wait_for(lambda: not any(t["key"] == "node.kubernetes.io/not-ready" for t in
+                                           (self.kube.get("nodes", None, name)["spec"].get("taints") or [])),
+                           30, f"node {name} to become schedulable")
+        return name
+
+    def lose_node(self, name: str) -> None:
+        """The node dies: its processes are killed, and nothing reports for it any more (no Lease
+        renewal, no pod status). The node-lifecycle controller marks it NotReady and taints it; the
+        taint-eviction controller then deletes its pods, which stay Terminating (no kubelet is left
+        to finish the deletion) until someone force-deletes them."""
+        with self._lock:
+            self._lost.add(name)
+            for record in [r for r in self._pods.values() if r.node == name]:
+                self._kill_group(record)
+                if record.proc is not None:
+                    record.proc.wait(10)
+                self._pods.pop(record.uid)
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(10)
+        self._heart.join(10)
         with self._lock:
             for record in list(self._pods.values()) + self._orphans:
                 self._kill_group(record)
                 if record.proc is not None:
                     record.proc.wait(10)
+        for name in self.nodes:  # their pods are then orphans, which the pod GC deletes
+            self.kube.delete("nodes", None, name)
+        self._server.stop()
 
     def running_pods(self) -> list[str]:
         with self._lock:
@@ -954,20 +642,27 @@ class Kubelet:
         else:
             self._overrides[run] = list(argv)
 
-    def preempt(self, pod_name: str, reason: str = "PreemptionByScheduler", grace: int = 30, *,
+    def preempt(self, pod_name: str, reason: str = "TerminationByKubelet", grace: int = 30, *,
                 message: str | None = None, namespace: str | None = None, wait: bool = True) -> None:
-        """As a scheduler, taint manager or eviction would: DisruptionTarget condition, then
-        deletion with the grace period; this kubelet then SIGTERMs the process, SIGKILLs it after
-        the grace period, reports its terminated state and removes the pod."""
+        """As the kubelet itself does when it must stop a pod (node-pressure eviction, graceful
+        node shutdown): the DisruptionTarget condition, then a graceful delete; the loop then
+        SIGTERMs the process, SIGKILLs it after the grace period, reports it and removes the pod.
+        (The scheduler, the Eviction API and the taint manager do their own: see the tests.)"""
         record = self._find(pod_name, namespace)
         message = message or f"{reason}: the harness disrupted the pod"
         with self._lock:
             self._patch_status(record, lambda status: {**status, "conditions": _merge_conditions(
                 status.get("conditions"), {"DisruptionTarget": ("True", reason, message)})})
-            self.kube.delete("pods", record.namespace, pod_name, grace=grace)
+            self.kube.delete("pods", record.namespace, pod_name, grace=grace, uid=record.uid)
         if wait:
-            self.kube.wait_for(lambda: (self.kube.get("pods", record.namespace, pod_name) or {}).get(
-                "metadata", {}).get("uid") != record.uid, grace + 15, f"preempted pod {pod_name} to go")
+            self.wait_gone(pod_name, record.namespace, record.uid, grace + 15)
+
+    def wait_gone(self, pod_name: str, namespace: str | None = None, uid: str | None = None,
+                  timeout: float = 45) -> None:
+        namespace = namespace or self.kube.namespace
+        uid = uid or self.kube.get("pods", namespace, pod_name)["metadata"]["uid"]
+        self.kube.wait_for(lambda: (self.kube.get("pods", namespace, pod_name) or {}).get(
+            "metadata", {}).get("uid") != uid, timeout, f"pod {pod_name} to go")
 
     def kill(self, pod_name: str, exit_code: int | None = None, sig: int = signal.SIGKILL,
              namespace: str | None = None) -> None:
@@ -987,18 +682,20 @@ class Kubelet:
             self._kill_group(record)
 
     def vanish(self, pod_name: str, namespace: str | None = None) -> None:
-        """The node is gone: the process dies and the pod object goes, with no final status."""
+        """Force-deleted with no last state (`kubectl delete --force --grace-period=0`, or a pod
+        collector): the process dies and the pod object goes, with no final status."""
         with self._lock:
             record = self._find(pod_name, namespace)
             self._pods.pop(record.uid, None)
             self._kill_group(record)
             if record.proc is not None:
                 record.proc.wait(10)
-            self.kube.delete("pods", record.namespace, pod_name, grace=0)
+            self.kube.delete("pods", record.namespace, pod_name, grace=0, uid=record.uid)
 
     def dump(self) -> str:
         with self._lock:
-            lines = [f"--- kubelet: running {self.running_pods()}, started {self.started}"]
+            lines = [f"--- kubelet: nodes {self.nodes} (lost {sorted(self._lost)}), running {self.running_pods()}, "
+                     f"started {self.started}"]
             lines += [f"  loop error: {error}" for error in self.errors[-3:]]
             for record in self._records[-4:]:
                 tail = record.log_path.read_text(errors="replace")[-1500:] if record.log_path.exists() else ""
@@ -1006,20 +703,35 @@ class Kubelet:
         return "\n".join(lines)
 
     def _find(self, pod_name: str, namespace: str | None, live: bool = True) -> _PodRecord:
-        # No lock: the API server thread calls this (pods/NAME/log) while the loop holds the lock.
         records = list(self._pods.values()) if live else list(self._records)
         for record in reversed(records):
             if record.name == pod_name and namespace in (None, record.namespace):
                 return record
         raise KeyError(f"the kubelet has no {'running ' if live else ''}pod {pod_name!r}")
 
-    def _log_source(self, namespace: str, name: str) -> str | None:
-        try:
-            return self.logs(name, namespace)
-        except KeyError:
-            return None
+    # -- the loops ------------------------------------------------------------------------------
 
-    # -- the loop -------------------------------------------------------------------------------
+    def _heartbeats(self) -> None:
+        while not self._stop.wait(1.0):
+            for name in list(self.nodes):
+                if name not in self._lost:
+                    try:
+                        self._renew(name)
+                    except Exception as e:  # noqa: BLE001 - shown in dump()
+                        self.errors.append(f"lease {name}: {e!r}")
+
+    def _renew(self, name: str) -> None:
+        spec = {"holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": _micro_now()}
+        try:
+            self.kube.patch("leases", "kube-node-lease", name, {"spec": spec})
+        except ApiError as e:
+            if e.status != 404:
+                raise
+            node = self.kube.get("nodes", None, name)
+            self.kube.create({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {
+                "name": name, "namespace": "kube-node-lease", "ownerReferences": [{
+                    "apiVersion": "v1", "kind": "Node", "name": name, "uid": node["metadata"]["uid"]}]},
+                "spec": spec})
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -1032,14 +744,15 @@ class Kubelet:
 
     def _tick(self) -> None:
         seen = set()
-        for pod in self.kube.list("pods", labels=self.selector):
-            uid = pod["metadata"]["uid"]
-            seen.add(uid)
-            record = self._pods.get(uid)
-            if record is None:
-                self._admit(pod)
-            else:
-                self._sync(record, pod)
+        for node in [n for n in self.nodes if n not in self._lost]:
+            for pod in self.kube.list("pods", None, labels=self.selector, fields=f"spec.nodeName={node}"):
+                uid = pod["metadata"]["uid"]
+                seen.add(uid)
+                record = self._pods.get(uid)
+                if record is None:
+                    self._admit(pod)
+                else:
+                    self._sync(record, pod)
         for uid in set(self._pods) - seen:  # deleted for good by someone else: stop the process
             record = self._pods.pop(uid)
             if record.alive:
@@ -1055,9 +768,10 @@ class Kubelet:
 
     def _admit(self, pod: dict) -> None:
         meta, spec = pod["metadata"], pod["spec"]
-        if meta.get("deletionTimestamp") or pod.get("status", {}).get("phase") in TERMINAL:
-            return  # never ran here
-        if spec.get("nodeName") not in (None, self.node_name):
+        if pod.get("status", {}).get("phase") in TERMINAL:
+            return  # ran here before the harness took over, or not at all
+        if meta.get("deletionTimestamp"):  # deleted before it started: nothing to stop
+            self.kube.delete("pods", meta["namespace"], meta["name"], grace=0, uid=meta["uid"])
             return
         if any(r.name == meta["name"] and r.namespace == meta["namespace"] and r.alive
                for r in list(self._pods.values()) + self._orphans):
@@ -1067,13 +781,12 @@ class Kubelet:
             uid=meta["uid"], namespace=meta["namespace"], name=meta["name"], image=container.get("image", ""),
             container=container["name"], dir=self.root / f"{meta['namespace']}_{meta['name']}_{meta['uid'][:8]}",
             grace=spec.get("terminationGracePeriodSeconds", 30),
-            message_policy=container.get("terminationMessagePolicy", "File"))
+            message_policy=container.get("terminationMessagePolicy", "File"), node=spec["nodeName"])
         record.dir.mkdir(parents=True)
         self._pods[record.uid] = record
         self._records.append(record)
-        self.kube.patch("pods", record.namespace, record.name, {"spec": {"nodeName": self.node_name}})
         self._write_status(record, "Pending", {"waiting": {"reason": "ContainerCreating"}},
-                           {"PodScheduled": ("True", None, None), "Initialized": ("True", None, None),
+                           {"Initialized": ("True", None, None),
                             "Ready": ("False", "ContainersNotReady", None),
                             "ContainersReady": ("False", "ContainersNotReady", None)})
         if _image_unreachable(record.image):
@@ -1116,7 +829,7 @@ class Kubelet:
     def _forget(self, record: _PodRecord) -> None:
         """Finish a graceful deletion: the kubelet deletes the pod for good (grace 0)."""
         self._pods.pop(record.uid, None)
-        self.kube.delete("pods", record.namespace, record.name, grace=0)
+        self.kube.delete("pods", record.namespace, record.name, grace=0, uid=record.uid)
 
     # -- containers -----------------------------------------------------------------------------
 
@@ -1202,12 +915,35 @@ class Kubelet:
                 host.mkdir(parents=True, exist_ok=True)
                 for key, value in (self._data(kind, record.namespace, ref) or {}).items():
                     (host / key).write_text(value)
+            elif "projected" in volume:  # the ServiceAccount token volume admission adds, for one
+                host = record.dir / "volumes" / volume["name"]
+                host.mkdir(parents=True, exist_ok=True)
+                for source in volume["projected"]["sources"]:
+                    self._project(source, pod, host)
             else:
                 raise _ConfigError(f"the harness does not emulate the volume {volume}")
             host = host / mount["subPath"] if mount.get("subPath") else host
             host.mkdir(parents=True, exist_ok=True)
             mounts[mount["mountPath"].rstrip("/") or "/"] = host
         return mounts
+
+    def _project(self, source: dict, pod: dict, host: Path) -> None:
+        namespace = pod["metadata"]["namespace"]
+        if "serviceAccountToken" in source:
+            token = self.kube.request_token(pod["spec"].get("serviceAccountName", "default"), namespace,
+                                    source["serviceAccountToken"].get("expirationSeconds", 3600))
+            (host / source["serviceAccountToken"]["path"]).write_text(token)
+        elif "downwardAPI" in source:
+            for item in source["downwardAPI"]["items"]:
+                (host / item["path"]).write_text(self._value_from(item, pod) or "")
+        else:
+            kind = "secrets" if "secret" in source else "configmaps"
+            ref = source.get("secret") or source["configMap"]
+            # kube-root-ca.crt (and the fork's openshift-service-ca.crt) have no publisher here
+            data = self._data(kind, namespace, {**ref, "optional": True}) or {}
+            for item in ref.get("items") or [{"key": key, "path": key} for key in data]:
+                if item["key"] in data:
+                    (host / item["path"]).write_text(data[item["key"]])
 
     def _data(self, kind: str, namespace: str, ref: dict) -> dict[str, str] | None:
         """The decoded data of a Secret or ConfigMap; None if it is absent and optional."""
@@ -1226,7 +962,7 @@ class Kubelet:
             if m := re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path):
                 return (meta.get(m[1]) or {}).get(m[2], "")
             fields = {"metadata.name": meta["name"], "metadata.namespace": meta["namespace"],
-                      "metadata.uid": meta["uid"], "spec.nodeName": self.node_name,
+                      "metadata.uid": meta["uid"], "spec.nodeName": pod["spec"].get("nodeName", ""),
                       "spec.serviceAccountName": pod["spec"].get("serviceAccountName", "default"),
                       "status.podIP": "127.0.0.1", "status.hostIP": "127.0.0.1"}
             if path not in fields:
@@ -1277,7 +1013,6 @@ class Kubelet:
         def change(status: dict) -> dict:
             return {**status, "phase": phase, "hostIP": "127.0.0.1", "podIP": "127.0.0.1",
                     "podIPs": [{"ip": "127.0.0.1"}], "startTime": status.get("startTime") or _now(),
-                    "qosClass": "BestEffort",
                     "conditions": _merge_conditions(status.get("conditions"), conditions),
                     "containerStatuses": [{
                         "name": record.container, "image": record.image, "imageID": "",
@@ -1287,6 +1022,8 @@ class Kubelet:
 
     def _patch_status(self, record: _PodRecord, change: Callable[[dict], dict]) -> None:
         """Read, change, write with the resourceVersion as precondition; retry on conflicts."""
+        if record.node in self._lost:
+            return  # nobody is left to report
         for _ in range(20):
             pod = self.kube.get("pods", record.namespace, record.name)
             if pod is None or pod["metadata"]["uid"] != record.uid:
@@ -1301,23 +1038,74 @@ class Kubelet:
                     raise
 
 
+class _LogServer:
+    """The kubelet's HTTPS endpoint for the API server's `pods/log` proxy: /containerLogs/NS/POD/CONTAINER."""
+
+    def __init__(self, kubelet: Kubelet, plane: ControlPlane):
+        kubelet_ref = kubelet
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                url = urllib.parse.urlsplit(self.path)
+                parts = url.path.strip("/").split("/")
+                if len(parts) != 4 or parts[0] != "containerLogs":
+                    self.send_error(404)
+                    return
+                try:
+                    text = kubelet_ref.logs(parts[2], parts[1])
+                except KeyError:
+                    self.send_error(404, "no such container")
+                    return
+                tail = urllib.parse.parse_qs(url.query).get("tailLines")
+                if tail:
+                    text = "".join(text.splitlines(keepends=True)[-int(tail[0]):])
+                body = text.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(plane.kubelet_cert, plane.kubelet_key)
+        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="kubelet-logs", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+
 # ---------------------------------------------------------------------------------------------
 # The operator, as a separate process
 
 class OperatorProcess:
-    """The operator as a subprocess with KUBECONFIG pointing at the emulator.
+    """The operator as a subprocess with KUBECONFIG carrying the token of a ServiceAccount bound to
+    deploy/operator.yaml's ClusterRole (`token=` another identity's), so it has exactly the RBAC
+    that ships.
 
     `command` defaults to `python -m kontinue operator --standalone --namespace NS`; set it (or
     pass command= to start) to run anything else, e.g. `python -m kopf run ... script.py`."""
 
-    def __init__(self, kube: KubeCluster, workdir: Path, command: list[str] | None = None):
+    def __init__(self, kube: KubeCluster, workdir: Path, command: list[str] | None = None,
+                 token: str | None = None):
         self.kube, self.workdir = kube, Path(workdir)
         self.command = command or [sys.executable, "-m", "kontinue", "operator", "--standalone",
                                    "--namespace", kube.namespace]
         self.proc: subprocess.Popen | None = None
         self._logs: list[Path] = []
         self._last: tuple = ((), None, None)
-        self._kubeconfig = kube.kubeconfig(self.workdir / "kubeconfig")
+        token = token or kube.service_account_token("kontinue-operator", OPERATOR_ROLE)
+        self._kubeconfig = kube.kubeconfig(self.workdir / "kubeconfig", token=token, user="operator")
 
     @property
     def running(self) -> bool:
@@ -1383,9 +1171,33 @@ class OperatorProcess:
 # ---------------------------------------------------------------------------------------------
 # Fixtures
 
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory):
+    """The control plane, once per session, with the CRDs from crds/ and the operator's ClusterRole."""
+    binaries = assets()
+    if binaries is None:
+        pytest.skip(f"no Kubernetes control plane for this test: {HOW_TO_GET_THEM}")
+    plane = ControlPlane(tmp_path_factory.mktemp("control-plane"), binaries).start()
+    try:
+        admin = Client(plane)
+        for path in sorted((REPO / "crds").glob("*.yaml")):
+            admin.apply_all(yaml.safe_load_all(path.read_text()))
+        for path in sorted((REPO / "crds").glob("*.yaml")):
+            for crd in yaml.safe_load_all(path.read_text()):
+                wait_for(lambda name=crd["metadata"]["name"]: any(
+                    c["type"] == "Established" and c["status"] == "True" for c in
+                    (admin.get("customresourcedefinitions", None, name).get("status") or {}).get("conditions", [])),
+                    30, f"CRD {crd['metadata']['name']} to be established", dump=plane.dump)
+        admin.apply_all(d for d in yaml.safe_load_all((REPO / "deploy" / "operator.yaml").read_text())
+                        if d and d["kind"] == "ClusterRole")
+        yield plane
+    finally:
+        plane.stop()
+
+
 @pytest.fixture
-def kube():
-    cluster = KubeCluster().start()
+def kube(control_plane, request):
+    cluster = KubeCluster(control_plane, request.node.name).start()
     try:
         yield cluster
     finally:

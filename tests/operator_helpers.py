@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kube_fixtures import PODS, RUN_LABEL
+from tests.kube_fixtures import RUN_LABEL
 from tests.trainer_fixtures import Trainer, training_run
 
 OPERATOR_ARGS = ("--metrics-port", "0", "--health-port", "0", "--image", "kontinue:test",
@@ -72,12 +72,12 @@ def preempt_after_checkpoint(kube, kubelet, trainer_status, step: int, name: str
 
 def pod_lifetimes(kube, run: str) -> list[tuple[str, int, int | None]]:
     """(pod name, resourceVersion created, resourceVersion removed or None) of every pod of a run,
-    from the API server's journal of writes, and asserts that no two ever existed at once."""
+    from the journal of writes (watches), and asserts that no two ever existed at once."""
     alive: dict[str, tuple[str, int]] = {}
     lives = []
-    for rv, resource, event in list(kube.api._journal):
+    for rv, resource, event in kube.writes():
         meta = event["object"]["metadata"]
-        if resource != PODS or (meta.get("labels") or {}).get(RUN_LABEL) != run:
+        if resource != "pods" or (meta.get("labels") or {}).get(RUN_LABEL) != run:
             continue
         if event["type"] == "ADDED":
             assert not alive, f"pod {meta['name']} was created while {sorted(alive)} still existed"
