@@ -1,7 +1,10 @@
 """The CRDs' CEL rules (x-kubernetes-validations), evaluated with cel-python: they compile, and on
-valid and invalid manifests they refuse exactly what the pydantic models refuse, with the same message."""
+valid and invalid manifests they refuse exactly what the pydantic models refuse, with the same message.
+The transition rules (with oldSelf; only the API server sees an update) refuse exactly the changes of
+immutable fields once a run has started, each naming its field."""
 
 import ast
+import copy
 import gc
 import inspect
 import re
@@ -13,7 +16,8 @@ import pytest
 import yaml
 
 from kontinue.api import SpecError, models, parse_resource
-from tests.test_api import (CONTINUED, TRAINING, TRAINING_CASES, TRANSFER, TRANSFER_CASES, VOLUME,
+from kontinue.api.identity import IMMUTABLE_FIELDS, spec_digest
+from tests.test_api import (CONTINUED, DELETE, TRAINING, TRAINING_CASES, TRANSFER, TRANSFER_CASES, VOLUME,
                             VOLUME_CASES, changed)
 
 CRD_DIR = Path(__file__).resolve().parents[1] / "crds"
@@ -35,6 +39,11 @@ def collect_rules(schema, path=""):
 
 
 RULES = [(kind, path, rule) for kind, schema in SCHEMAS.items() for path, rule in collect_rules(schema)]
+
+
+def transition(rule):
+    """A rule with oldSelf runs on updates only: the API server skips it on create."""
+    return re.search(r"\boldSelf\b", rule["rule"]) is not None
 
 
 @cache
@@ -62,7 +71,8 @@ def admitted(schema, value):
 def broken_rules(schema, value, path=""):
     """(field path, rule) of every rule that is false, each evaluated with `self` = the value at its
     node, as the API server does: a rule on an absent field does not run. Evaluation errors raise."""
-    broken = [(path, rule) for rule in schema.get("x-kubernetes-validations", []) if not holds(rule["rule"], value)]
+    broken = [(path, rule) for rule in schema.get("x-kubernetes-validations", [])
+              if not transition(rule) and not holds(rule["rule"], value)]
     if isinstance(value, dict):
         for key, item in value.items():
             if key in schema.get("properties", {}):
@@ -137,7 +147,7 @@ def test_invalid_manifests_break_the_rule_pydantic_names(document, path, by_cel)
 def test_every_rule_is_broken_by_some_invalid_manifest():
     broken = {(document["kind"], re.sub(r"\[[^]]*\]", "[]", where), rule["rule"])
               for document, _, by_cel in INVALID.values() if by_cel for where, rule in cel_refusals(document)}
-    assert broken == {(kind, path, rule["rule"]) for kind, path, rule in RULES}
+    assert broken == {(kind, path, rule["rule"]) for kind, path, rule in RULES if not transition(rule)}
 
 
 def test_every_model_rule_is_in_the_crds():
@@ -147,3 +157,110 @@ def test_every_model_rule_is_in_the_crds():
     assert len(rules) == len(written)
     in_crds = {(rule["rule"], rule["message"]) for _, _, rule in RULES}
     assert [rule for rule in rules if (rule.cel, rule.message) not in in_crds] == []
+
+
+# -- immutable fields once a run has started: transition rules at the root ---------------------------
+
+def update_refusals(old, new):
+    """Messages of the root transition rules that refuse the update old -> new, both as stored
+    (defaults filled in), as the API server evaluates them."""
+    schema = SCHEMAS[new["kind"]]
+    old, new = admitted(schema, old), admitted(schema, new)
+    refused = []
+    for rule in schema.get("x-kubernetes-validations", []):
+        assert transition(rule), "only transition rules sit at the root"
+        result = program(rule["rule"]).evaluate({"self": celpy.json_to_cel(new), "oldSelf": celpy.json_to_cel(old)})
+        assert isinstance(result, celpy.celtypes.BoolType), f"{rule['rule']} gives {result!r}"
+        if not result:
+            refused.append(rule["message"])
+    return refused
+
+
+def with_status(document, **status):
+    return {**copy.deepcopy(document), "status": status}
+
+
+def refused_field(field):
+    return f"spec.{field} is immutable once the run has started; create a new run"
+
+
+IMMUTABLE_EDITS = {  # kind -> (immutable field, an edit of it)
+    "TrainingRun": [
+        ("task", (("spec", "task", "evalMetric"), "log_loss")),
+        ("task", (("spec", "task", "columnTypes"), {"Description": "text"})),
+        ("data", (("spec", "data", "test"), DELETE)),
+        ("data", (("spec", "data", "train"), "s3://datasets/petfinder/train-2.parquet")),
+        ("model", (("spec", "model", "hfText", "maxTextLen"), 128)),
+        ("seed", (("spec", "seed"), 7)),
+        ("seed", (("spec", "seed"), DELETE)),  # 42 -> the default 0
+        ("resources.gpus", (("spec", "resources", "gpus"), 2)),
+        ("resources.gpus", (("spec", "resources"), DELETE)),  # 1 -> 0
+        ("checkpoint.storage", (("spec", "checkpoint", "storage"), "s3://checkpoints/elsewhere")),
+        ("timeLimit", (("spec", "timeLimit"), "3h")),
+        ("timeLimit", (("spec", "timeLimit"), DELETE)),
+    ],
+    "TransferRun": [
+        ("source", (("spec", "source"), {"modelUri": "s3://models/sst"})),
+        ("backbones", (("spec", "backbones"), DELETE)),
+        ("model", (("spec", "model"), {"hfText": {"checkpoint": "bert-base-uncased"}})),
+        ("resources.gpus", (("spec", "resources", "gpus"), 1)),
+        ("checkpoint.storage", (("spec", "checkpoint", "storage"), "/checkpoints/v2")),
+    ],
+}
+SAFE_EDITS = [  # what may change at any time
+    (("spec", "maxPreemptions"), 3), (("spec", "backoffLimit"), 0), (("spec", "deleteRunDirectory"), True),
+    (("spec", "dumpModel"), False), (("spec", "image"), "ghcr.io/example/kontinue-trainer:0.1.1"),
+    (("spec", "resources", "cpu"), "12"), (("spec", "resources", "memory"), "64Gi"),
+    (("spec", "resources", "nodeSelector"), {"pool": "a100"}), (("spec", "resources", "tolerations"), []),
+    (("spec", "resources", "priorityClassName"), "training"), (("spec", "checkpoint", "intervalSteps"), 100),
+    (("spec", "checkpoint", "intervalMinutes"), 3), (("metadata", "labels"), {"team": "nlp"}),
+]
+BASES = {"TrainingRun": TRAINING, "TransferRun": TRANSFER}
+EDIT_CASES = [(kind, field, edit) for kind, edits in IMMUTABLE_EDITS.items() for field, edit in edits]
+
+
+def test_there_is_one_named_rule_per_immutable_field_cel_can_see():
+    for kind, schema in SCHEMAS.items():
+        rules = {rule["fieldPath"]: rule for rule in schema["x-kubernetes-validations"]}
+        own = {"TrainingRun": {"continueFrom"}, "TransferRun": {"source", "backbones"}}[kind]
+        fields = [name for name in IMMUTABLE_FIELDS if name != "hyperparameters"
+                  and (name not in ("continueFrom", "source", "backbones") or name in own)]
+        assert list(rules) == [f".spec.{name}" for name in fields], kind
+        assert all(rule["message"] == refused_field(name) and rule["reason"] == "FieldValueForbidden"
+                   for name, rule in zip(fields, rules.values()))
+        # hyperparameters' values are free-form (preserve-unknown-fields), which CEL cannot see: the
+        # operator's spec digest guards them (SpecChanged)
+        hyperparameters = schema["properties"]["spec"]["properties"]["hyperparameters"]
+        assert "checked by the operator" in hyperparameters["description"]
+
+
+@pytest.mark.parametrize("kind, field, edit", EDIT_CASES, ids=[f"{k} {f} {e[0][-1]}" for k, f, e in EDIT_CASES])
+def test_a_started_run_refuses_a_change_of_each_immutable_field_naming_it(kind, field, edit):
+    old = with_status(BASES[kind], attempt=1, phase="Running")
+    new = with_status(changed(BASES[kind], edit), attempt=1, phase="Running")
+    parse_resource(new)  # a valid spec: only the transition refuses it
+    assert update_refusals(old, new) == [refused_field(field)]
+    assert spec_digest(parse_resource(old).spec.model_dump(mode="json", by_alias=True, exclude_none=True)) != \
+        spec_digest(parse_resource(new).spec.model_dump(mode="json", by_alias=True, exclude_none=True)), \
+        "the operator sees the same change"
+    for status in ({}, {"attempt": 0, "phase": "Pending"}):  # not started yet: anything may change
+        old, new = with_status(BASES[kind], **status), with_status(changed(BASES[kind], edit), **status)
+        assert update_refusals(old, new) == []
+    assert update_refusals(with_status(BASES[kind]) | {"status": None}, changed(BASES[kind], edit)) == []
+
+
+@pytest.mark.parametrize("kind", BASES)
+def test_a_started_run_takes_safe_edits_and_its_status(kind):
+    old = with_status(BASES[kind], attempt=3, phase="Preempted")
+    new = with_status(changed(BASES[kind], *SAFE_EDITS), attempt=3, phase="Preempted")
+    assert update_refusals(old, new) == []
+    assert update_refusals(old, with_status(BASES[kind], attempt=4, phase="Running")) == []
+    several = changed(BASES[kind], (("spec", "seed"), 1), (("spec", "timeLimit"), "5h"))
+    assert update_refusals(old, with_status(several, attempt=3)) == [refused_field("seed"), refused_field("timeLimit")]
+
+
+def test_resources_added_to_a_started_run_without_them_keep_their_gpus():
+    old = with_status(changed(TRAINING, (("spec", "resources"), DELETE)), attempt=1)
+    for resources, refused in [({"cpu": "4"}, []), ({"gpus": 0, "memory": "8Gi"}, []),
+                               ({"gpus": 1}, [refused_field("resources.gpus")])]:
+        assert update_refusals(old, changed(old, (("spec", "resources"), resources))) == refused, resources

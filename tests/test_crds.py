@@ -132,3 +132,15 @@ def test_names_columns_and_version(crd):
 @pytest.mark.parametrize("crd", CRDS, ids=crd_filename)
 def test_kubernetes_accepts_the_crd_object(crd):
     kubernetes_validate.validate(crd, kubernetes_validate.utils.latest_version(), strict=True)
+
+
+def test_started_runs_keep_their_immutable_fields_and_status_pins_the_spec():
+    for kind, schema in SCHEMAS.items():
+        rules = schema["x-kubernetes-validations"]
+        assert all("oldSelf.status.attempt > 0" in rule["rule"] for rule in rules), "transition rules at the root"
+        seed = next(rule for rule in rules if rule["fieldPath"] == ".spec.seed")
+        assert seed["message"] == "spec.seed is immutable once the run has started; create a new run"
+        assert "Immutable once the run has started" in schema["properties"]["spec"]["properties"]["seed"]["description"]
+        status = schema["properties"]["status"]["properties"]
+        assert status["specDigest"]["type"] == "string"
+        assert status["specFieldDigests"]["additionalProperties"] == {"type": "string"}

@@ -9,9 +9,11 @@ import json
 import kubernetes_validate
 import pytest
 
+from kontinue.api.identity import spec_digest
 from kontinue.api.manifests import parse_training_run
 from kontinue.operator.pods import ATTEMPT_LABEL, RUN_LABEL, build_cleanup_pod, build_trainer_pod, pod_problems
-from kontinue.operator.reconcile import Peers, Settings, decide, refused_pod
+from kontinue.operator.reconcile import (Peers, Settings, cleanup_pod, decide, finite_status, parse_allowed_images,
+                                         refused_pod, reported_status)
 from kontinue.operator.verdicts import FAILED, PENDING, PREEMPTED, RUNNING, SUCCEEDED, judge_pod
 
 NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.timezone.utc)
@@ -433,3 +435,195 @@ def test_runs_of_both_kinds_with_one_name_would_share_a_directory_and_are_refuse
     started["status"] = {"attempt": 1, "currentPod": "sst-1", "podUID": "pod-sst-1", "phase": "Running"}
     assert decide(started, [pod_state()], NOW, SETTINGS).status.get("phase") is None, \
         "a run that started keeps its directory: only the newcomer is refused"
+
+
+# -- hardening: a spec fixed once started, images allowed, pods never left running, finite status ------
+
+def started(body: dict, pods=None, **status) -> tuple[dict, list]:
+    """`body` as the operator leaves it after starting attempt 1 (digest recorded), with a running pod."""
+    body = apply(body, decide(body, [], NOW, SETTINGS))
+    body["status"].update(podUID="pod-sst-1", phase="Running", **status)
+    return body, [pod_state()] if pods is None else pods
+
+
+def condition(plan, kind: str) -> dict:
+    return next(c for c in plan.status["conditions"] if c["type"] == kind)
+
+
+def test_the_first_attempt_pins_the_digest_of_the_immutable_fields():
+    body = run_body(hyperparameters={"optim.lr": 0.1}, seed=3)
+    plan = decide(body, [], NOW, SETTINGS)
+    spec = parse_training_run(body).spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    assert plan.status["specDigest"] == spec_digest(spec)
+    assert set(plan.status["specFieldDigests"]) == {"task", "data", "model", "hyperparameters", "seed",
+                                                    "resources.gpus", "checkpoint.storage"}
+    body = apply(body, plan)
+    body["status"].update(currentPod=None, phase="Preempted")  # attempt 2 keeps the first attempt's digest
+    assert "specDigest" not in decide(body, [], NOW, SETTINGS).status
+    # a run started by an operator that recorded none adopts the spec it sees
+    del body["status"]["specDigest"], body["status"]["specFieldDigests"]
+    assert decide(body, [], NOW, SETTINGS).status["specDigest"] == spec_digest(spec)
+
+
+@pytest.mark.parametrize("edit", [
+    {"maxPreemptions": 7, "backoffLimit": 0, "deleteRunDirectory": True, "dumpModel": False},
+    {"resources": {"cpu": "4", "memory": "8Gi", "nodeSelector": {"pool": "spot"}, "priorityClassName": "low"}},
+    {"resources": {"gpus": 0}},  # written out as its default
+    {"checkpoint": {"storage": "s3://runs/ckpt", "secretRef": {"name": "s3-rotated"}, "intervalSteps": 10,
+                    "intervalMinutes": 5}},
+    {"image": SETTINGS.image},
+], ids=["limits", "placement", "default gpus", "checkpoint cadence and secret", "image"])
+def test_safe_edits_of_a_started_run_go_on(edit):
+    body, pods = started(run_body())
+    body["spec"].update(edit)
+    plan = decide(body, pods, NOW, SETTINGS)
+    assert plan.delete == [] and plan.status.get("phase") is None and not plan.events
+
+
+def test_an_immutable_field_changed_mid_run_stops_the_pod_and_fails_the_run_naming_the_fields():
+    """A CRD installed without the transition rules, or validation bypassed: the new spec must not
+    run against the old directory."""
+    body, pods = started(run_body())
+    body["spec"].update(seed=1, hyperparameters={"optim.lr": 0.5})
+    plan = decide(body, pods, NOW, SETTINGS)
+    assert plan.delete == ["sst-1"] and plan.create is None
+    assert plan.status["phase"] == "Failed" and plan.status["currentPod"] is None
+    failed = condition(plan, "Failed")
+    assert (failed["status"], failed["reason"]) == ("True", "SpecChanged")
+    assert condition(plan, "Running")["reason"] == "SpecChanged"
+    assert plan.status["message"].startswith(
+        "spec.hyperparameters, spec.seed changed after the run started (attempt 1)")
+    assert "pod sst-1 is stopped" in plan.status["message"] and "create a new run" in plan.status["message"]
+    assert [e[:2] for e in plan.events] == [("Warning", "SpecChanged")]
+    body = apply(body, plan)
+    stopping = copy.deepcopy(pods[0])
+    stopping["metadata"]["deletionTimestamp"] = NOW.isoformat()
+    again = decide(body, [stopping], NOW, SETTINGS)
+    assert again.status == {} and again.delete == [] and not again.events
+    # its delete was lost (the operator stopped in between): the ended run still stops it
+    assert decide(body, pods, NOW, SETTINGS).delete == ["sst-1"]
+
+
+@pytest.mark.parametrize("edit, named", [
+    ({"resources": {"gpus": 2}}, "spec.resources.gpus"),
+    ({"checkpoint": {"storage": "s3://runs/elsewhere", "secretRef": {"name": "s3"}}}, "spec.checkpoint.storage"),
+    ({"model": {"hfText": {"checkpoint": "/models/other"}}}, "spec.model"),
+    ({"timeLimit": "1h"}, "spec.timeLimit"),
+    ({"task": {"label": "label", "evalMetric": "acc"}}, "spec.task"),
+])
+def test_each_immutable_field_is_named_when_it_changes_between_attempts(edit, named):
+    body, _ = started(run_body())
+    body["status"].update(currentPod=None, podUID=None, phase="Preempted", preemptions=1)
+    body["spec"].update(edit)
+    plan = decide(body, [], NOW, SETTINGS)
+    assert plan.create is None and plan.status["phase"] == "Failed"
+    assert plan.status["message"].startswith(f"{named} changed after the run started")
+
+
+def test_a_spec_that_turns_invalid_mid_run_stops_its_pods():
+    body, pods = started(run_body())
+    pending = pod_state(name="sst-0", phase="Pending", waiting={"reason": "ContainerCreating"})
+    body["spec"]["hyperparameters"] = {"optim.lrr": 0.1}
+    plan = decide(body, pods + [pending], NOW, SETTINGS)
+    assert sorted(plan.delete) == ["sst-0", "sst-1"], "no GPU pod left running unaccounted for"
+    assert plan.status["phase"] == "Failed" and condition(plan, "Failed")["reason"] == "InvalidSpec"
+    assert plan.status["currentPod"] is None and [e[1] for e in plan.events] == ["InvalidSpec"]
+    body = apply(body, plan)
+    assert decide(body, pods, NOW, SETTINGS).delete == ["sst-1"], "stopped on every look until it is gone"
+    finished = pod_state(phase="Failed", terminated=exited(143))
+    assert decide(body, [finished], NOW, SETTINGS).delete == [] and decide(body, [], NOW, SETTINGS).status == {}
+    # unparseable altogether (a CRD without validation): the same
+    broken, pods = started(run_body())
+    broken["spec"]["resources"] = "lots"
+    plan = decide(broken, pods, NOW, SETTINGS)
+    assert plan.delete == ["sst-1"] and condition(plan, "Failed")["reason"] == "InvalidSpec"
+
+
+def test_a_run_that_succeeded_keeps_its_outcome_whatever_its_spec_becomes():
+    body = run_body(hyperparameters={"optim.lrr": 0.1})
+    body["status"] = {"attempt": 1, "phase": "Succeeded", "message": "attempt 1 finished training"}
+    done = pod_state(phase="Succeeded", terminated=exited(0, {"result": "succeeded"}, "Completed"))
+    plan = decide(body, [done], NOW, SETTINGS)
+    assert plan.status == {} and plan.delete == [] and not plan.events
+
+
+def test_an_image_nobody_allowed_fails_the_run_before_any_pod():
+    body = run_body(image="docker.io/attacker/miner:latest")
+    plan = decide(body, [], NOW, SETTINGS)
+    assert plan.create is None and plan.status["phase"] == "Failed" and "attempt" not in plan.status
+    failed = condition(plan, "Failed")
+    assert failed["reason"] == "ImageNotAllowed" and failed["message"] == plan.status["message"] == (
+        "spec.image docker.io/attacker/miner:latest is not allowed: this operator runs only images matching "
+        "registry.example/kontinue:1 (its --allowed-images)")
+    assert [e[:2] for e in plan.events] == [("Warning", "ImageNotAllowed")]
+    assert decide(apply(body, plan), [], NOW, SETTINGS).status == {}
+
+
+def test_allowed_images_are_globs_and_the_default_image_is_always_allowed():
+    settings = Settings(image="registry.example/kontinue:1",
+                        allowed_images=parse_allowed_images(" registry.example/kontinue:* , ,ghcr.io/team/*"))
+    assert settings.allowed_images == ("registry.example/kontinue:*", "ghcr.io/team/*")
+    for image, allowed in [("registry.example/kontinue:2", True), ("ghcr.io/team/trainer:1", True),
+                           ("registry.example/kontinue:1", True), ("registry.example/other:1", False),
+                           ("registry.example/kontinue@sha256:ab", False),
+                           ("evil.io/registry.example/kontinue:1", False)]:
+        assert settings.image_allowed(image) is allowed, image
+    plan = decide(run_body(image="registry.example/kontinue:2"), [], NOW, settings)
+    assert plan.create["spec"]["containers"][0]["image"] == "registry.example/kontinue:2"
+    assert decide(run_body(), [], NOW, Settings(image="x/y:1")).create["spec"]["containers"][0]["image"] == "x/y:1"
+    assert parse_allowed_images(None) == () and parse_allowed_images("") == ()
+
+
+def test_an_image_no_longer_allowed_stops_a_running_run():
+    body, pods = started(run_body(image="registry.example/kontinue:2"))
+    plan = decide(body, pods, NOW, SETTINGS)  # the operator came back with a narrower list
+    assert plan.delete == ["sst-1"] and condition(plan, "Failed")["reason"] == "ImageNotAllowed"
+
+
+def test_the_cleanup_pod_runs_only_an_allowed_image():
+    allowing = Settings(image=SETTINGS.image, allowed_images=("registry.example/*",))
+    for image, settings, expected in [(None, SETTINGS, SETTINGS.image),
+                                      ("registry.example/custom:3", allowing, "registry.example/custom:3"),
+                                      ("registry.example/custom:3", SETTINGS, SETTINGS.image)]:
+        body = run_body(**({"image": image} if image else {}))
+        pod = cleanup_pod(body, parse_training_run(body), settings)
+        assert pod["spec"]["containers"][0]["image"] == expected
+        assert pod["spec"]["containers"][0]["command"] == ["kontinue", "delete-run-dir"]
+
+
+def test_nan_and_infinite_numbers_never_reach_a_status_write():
+    nan, inf = float("nan"), float("inf")
+    report = {"progress": nan, "metrics": {"val_loss": nan, "val_acc": 0.5, "train_loss": -inf},
+              "bestCheckpoint": {"uri": "s3://runs/ckpt/ml/sst/model.ckpt", "score": inf, "metric": "acc"},
+              "lastCheckpoint": {"uri": "s3://runs/ckpt/ml/sst/last.ckpt", "step": 9}, "warnings": ["slow loader"]}
+    held = {"metrics": {"val_loss": 0.7, "val_acc": 0.4}, "bestCheckpoint": {"score": 0.6, "uri": "x"},
+            "progress": "40%", "progressRatio": 0.4}
+    update = reported_status(report, held)
+    json.dumps(update, allow_nan=False)  # what the API server accepts
+    assert update["metrics"] == {"val_loss": None, "val_acc": 0.5}, "None: the merge patch removes the stale value"
+    assert update["bestCheckpoint"] == {"uri": "s3://runs/ckpt/ml/sst/model.ckpt", "score": None, "metric": "acc"}
+    assert "progress" not in update and "progressRatio" not in update
+    assert update["warnings"][0] == "slow loader"
+    assert sorted(w.split(" (")[0] for w in update["warnings"][1:]) == [
+        "bestCheckpoint.score is inf", "metric train_loss is -inf", "metric val_loss is NaN", "progress is NaN"]
+    status = {**held, **update, "metrics": {"val_acc": 0.5},  # as the merge patch leaves it
+              "bestCheckpoint": {"uri": "s3://runs/ckpt/ml/sst/model.ckpt", "metric": "acc"}}
+    assert reported_status(report, status) == {}, "said once, not on every refresh"
+    # the loss is finite again: its warning goes, the trainer's stay
+    healed = reported_status({**report, "progress": 0.5, "metrics": {"val_loss": 0.3, "val_acc": 0.5},
+                              "bestCheckpoint": {"score": 0.9}}, status)
+    assert healed["warnings"] == ["slow loader"] and healed["metrics"] == {"val_loss": 0.3, "val_acc": 0.5}
+    assert finite_status({"progressRatio": nan}, {}) == {
+        "warnings": ["progressRatio is NaN (JSON cannot carry it: left out of the status)"]}
+
+
+def test_a_success_with_a_nan_score_records_the_rest():
+    body = run_body()
+    body["status"] = {"attempt": 1, "currentPod": "sst-1", "podUID": "pod-sst-1", "phase": "Running"}
+    word = {"result": "succeeded", "scores": {"accuracy": 0.8, "log_loss": float("nan")},
+            "test_scores": {"accuracy": float("inf")}}
+    plan = decide(body, [pod_state(phase="Succeeded", terminated={
+        "exitCode": 0, "reason": "Completed", "message": json.dumps(word)})], NOW, SETTINGS)
+    assert plan.status["phase"] == "Succeeded" and plan.status["metrics"] == {"accuracy": 0.8}
+    assert len(plan.status["warnings"]) == 2 and "metric log_loss is NaN" in plan.status["warnings"][0]
+    json.dumps(plan.status, allow_nan=False)

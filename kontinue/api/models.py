@@ -488,6 +488,12 @@ class TrainingRunStatus(_Status):
     start_time: datetime | None = Field(None, description="When the first pod started.")
     completion_time: datetime | None = Field(None, description="When the run succeeded or failed.")
     observed_generation: int | None = Field(None, description="metadata.generation last acted on.")
+    spec_digest: str | None = Field(None, description=(
+        "sha256 of the spec's immutable fields when the first attempt started; a run whose spec no longer "
+        "matches it fails with SpecChanged."))
+    spec_field_digests: dict[str, str] = Field(default_factory=dict, description=(
+        "Short digest of each immutable field (such as resources.gpus) when the first attempt started, to name "
+        "the fields that changed."))
     conditions: list[Condition] = Field(default_factory=list, description="Kubernetes-style conditions.",
                                         json_schema_extra={"x-kubernetes-list-type": "map",
                                                            "x-kubernetes-list-map-keys": ["type"]})

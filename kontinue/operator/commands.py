@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 
+log = logging.getLogger("kontinue.operator")
 WORKERS = 16  # kopf's threads for the (synchronous) handlers
 
 
@@ -17,6 +18,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace (default)")
     parser.add_argument("--image", default=os.environ.get("KONTINUE_TRAINER_IMAGE"),
                         help="trainer image for runs that name none (env KONTINUE_TRAINER_IMAGE)")
+    parser.add_argument("--allowed-images", default=os.environ.get("KONTINUE_ALLOWED_IMAGES", ""),
+                        help="comma-separated globs (fnmatch: * also matches /) of the images a run's spec.image may "
+                             "name, such as 'registry.example/kontinue:*'; a run naming another fails with "
+                             "ImageNotAllowed. The --image is always allowed; default: only it "
+                             "(env KONTINUE_ALLOWED_IMAGES)")
     parser.add_argument("--grace-seconds", type=int, default=120,
                         help="terminationGracePeriodSeconds of trainer pods: time for the SIGTERM checkpoint")
     parser.add_argument("--image-pull-timeout", type=float, default=300.0,
@@ -45,7 +51,7 @@ def _operator(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     from kontinue.operator import handlers
-    from kontinue.operator.reconcile import Settings
+    from kontinue.operator.reconcile import Settings, parse_allowed_images
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -60,7 +66,9 @@ def _operator(args: argparse.Namespace) -> int:
     handlers.RUNTIME.settings = Settings(
         image=args.image or defaults.image, grace_seconds=args.grace_seconds,
         image_pull_timeout=args.image_pull_timeout, backoff_base=args.backoff_seconds,
-        backoff_max=args.backoff_max_seconds)
+        backoff_max=args.backoff_max_seconds, allowed_images=parse_allowed_images(args.allowed_images))
+    log.info("trainer image %s; runs may name images matching %s", handlers.RUNTIME.settings.image,
+             ", ".join(handlers.RUNTIME.settings.image_patterns()))
 
     @kopf.on.startup()
     def configure(settings: kopf.OperatorSettings, **_) -> None:

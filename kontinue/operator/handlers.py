@@ -20,9 +20,9 @@ from kubernetes.client.rest import ApiException
 from kontinue.api.manifests import SpecError, parse_resource
 from kontinue.api.reports import last_status
 from kontinue.operator import metrics
-from kontinue.operator.pods import ATTEMPT_LABEL, CONTAINER, RUN_LABEL, build_cleanup_pod, cleanup_pod_name, run_label
+from kontinue.operator.pods import ATTEMPT_LABEL, CONTAINER, RUN_LABEL, cleanup_pod_name, run_label
 from kontinue.operator.reconcile import (PENDING_PHASE, RUNNING_PHASE, TERMINAL_PHASES, Peers, Plan, Settings,
-                                         decide, refused_pod, reported_status, timestamp)
+                                         cleanup_pod, decide, finite_status, refused_pod, reported_status, timestamp)
 from kontinue.operator.verdicts import RUNNING, termination_message
 
 GROUP, VERSION = "kontinue.dev", "v1alpha1"
@@ -30,6 +30,7 @@ PLURALS = {"TrainingRun": "trainingruns", "TransferRun": "transferruns"}
 SAFETY_NET_INTERVAL = 60.0  # a run no event or requeue woke for this long is looked at anyway
 LOG_TAIL_LINES = 200
 CLEANUP_TIMEOUT = 600.0  # seconds a cleanup pod may take before the run is let go without it
+STALE_READ_RETRIES = 3  # fresh reads a reconcile may take when its status write meets a newer run
 log = logging.getLogger("kontinue.operator")
 
 
@@ -115,10 +116,41 @@ def _post_event(run: dict[str, Any], kind: str, reason: str, message: str, now: 
             log.warning("could not post event %s for %s: %s", reason, meta["name"], error.reason)
 
 
-def _patch_status(run: dict[str, Any], status: dict[str, Any]) -> None:
+class StaleRead(Exception):
+    """The run changed after it was read (409 on a write conditioned on its resourceVersion):
+    nothing decided from that read may be applied."""
+
+
+def _patch_status(run: dict[str, Any], status: dict[str, Any] | None) -> None:
+    """A merge patch of the status that only applies to the version of the run it was decided on:
+    it carries metadata.resourceVersion, so the API server refuses it (409) if anyone wrote the run
+    since. With `status` None it changes nothing and only checks that the read is still current (a
+    no-op write keeps the resourceVersion). The run's resourceVersion follows each write, so the
+    writes of one plan check against each other."""
     meta = run["metadata"]
-    RUNTIME.custom.patch_namespaced_custom_object_status(
-        GROUP, VERSION, meta["namespace"], PLURALS[run["kind"]], meta["name"], {"status": status})
+    body: dict[str, Any] = {"metadata": {"resourceVersion": meta["resourceVersion"]}}
+    if status is not None:
+        body["status"] = status
+    try:
+        written = RUNTIME.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, meta["namespace"], PLURALS[run["kind"]], meta["name"], body)
+    except ApiException as error:
+        if error.status == 409:
+            raise StaleRead(f"{run['kind']} {meta['namespace']}/{meta['name']} changed since "
+                            f"resourceVersion {meta['resourceVersion']}") from error
+        raise
+    meta["resourceVersion"] = (written.get("metadata") or {}).get("resourceVersion", meta["resourceVersion"])
+
+
+def _delete_pod(namespace: str, name: str, uid: str | None) -> None:
+    """Deletes the very pod the decision saw: a pod that took its name since (the same attempt
+    created again) is left alone (409), one already gone is fine (404)."""
+    options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid)) if uid else None
+    try:
+        RUNTIME.core.delete_namespaced_pod(name, namespace, body=options)
+    except ApiException as error:
+        if error.status not in (404, 409):
+            raise
 
 
 def _api_message(error: ApiException) -> str:
@@ -128,24 +160,28 @@ def _api_message(error: ApiException) -> str:
         return str(error.reason)
 
 
-def _apply(run: dict[str, Any], plan: Plan, now: dt.datetime) -> str | None:
-    """Writes the plan; returns the API server's message if it refused the pod to create."""
+def _apply(run: dict[str, Any], plan: Plan, now: dt.datetime, uids: dict[str, str] | None = None) -> str | None:
+    """Writes the plan, only if the run is still the version it was decided on (else StaleRead,
+    before anything is written); returns the API server's message if it refused the pod to create.
+    `uids`: pod name -> uid of the pods the decision saw."""
     meta = run["metadata"]
-    # Events first: a transition whose status write is lost (a crash, an API error further down)
+    current = run.get("status") or {}
+    changed = {key: value for key, value in plan.status.items() if current.get(key) != value}
+    if plan.events or (not changed and (plan.delete or plan.create is not None)):
+        _patch_status(run, None)  # is the read still current? (a no-op: nothing is written)
+    # Events next: a transition whose status write is lost (a crash, an API error further down)
     # is decided again by the next reconcile and posts the same event name, which is then a no-op;
     # posted after the writes, its event would be lost instead.
     for kind, reason, message, attempt in plan.events:
         _post_event(run, kind, reason, message, now, attempt)
-    current = run.get("status") or {}
-    changed = {key: value for key, value in plan.status.items() if current.get(key) != value}
     if changed:  # most reconciles change nothing; a no-op write would only wake every watcher
         _patch_status(run, changed)
     for name in plan.delete:
-        _ignore(404, RUNTIME.core.delete_namespaced_pod, name, meta["namespace"])
+        _delete_pod(meta["namespace"], name, (uids or {}).get(name))
     if plan.verdict is not None and plan.verdict.final:
         metrics.verdict(plan.verdict)
     if plan.create is not None:
-        try:
+        try:  # pods are named by attempt: one created by a reconcile that did not finish is this one
             RUNTIME.core.create_namespaced_pod(meta["namespace"], plan.create)
         except ApiException as error:
             if 400 <= error.status < 500 and error.status != 409:  # 409: created by an unfinished reconcile
@@ -161,32 +197,47 @@ def reconcile(plural: str, namespace: str, name: str, *, refresh: bool = False,
     """One step for one run; returns when to look again (None: on the next event or tick).
 
     `refresh` also reads the trainer's newest status line from its pod's log; `last_seen` is the
-    last state of a pod of the run that was just deleted."""
+    last state of a pod of the run that was just deleted. A step decided on a read that a newer
+    write overtook is dropped and decided again from a fresh read (a few times, then later)."""
     key = (plural, namespace, name)
     with RUNTIME.locks[key]:
         RUNTIME.reconciled[key] = time.monotonic()
-        run = _get_run(*key)
-        if run is None or run["metadata"].get("deletionTimestamp"):
-            return None
-        now = _now()
-        before = run.get("status") or {}
-        started_or_over = before.get("attempt") or before.get("phase") in TERMINAL_PHASES
-        peers = Peers() if started_or_over else _peers(run)  # they matter only before the first attempt
-        plan = decide(run, _pods_of(run), now, RUNTIME.settings, last_seen, peers)
-        if refresh and plan.verdict is not None and plan.verdict.outcome == RUNNING:
-            plan.status.update(reported_status(_trainer_report(run), before))
-        refusal = _apply(run, plan, now)
-        if refusal is not None:
-            run = {**run, "status": {**before, **plan.status}}
-            plan = refused_pod(run, plan.create["metadata"]["name"], refusal, now, RUNTIME.settings)
-            _apply(run, plan, now)
-        phase = plan.status.get("phase") or before.get("phase")
-        metrics.phase(run["kind"], namespace, name, phase)
-        if run["kind"] == "TrainingRun" and phase in TERMINAL_PHASES and before.get("phase") != phase:
-            _wake_transfers_from(namespace, name)
-        if plan.requeue_after is not None:
-            _reconcile_later(key, plan.requeue_after)
-        return plan.requeue_after
+        for _ in range(STALE_READ_RETRIES):
+            try:
+                return _reconcile_once(key, refresh, last_seen)
+            except StaleRead as stale:
+                log.info("%s; deciding again from a fresh read", stale)
+        _reconcile_later(key, 1.0)
+        return 1.0
+
+
+def _reconcile_once(key: tuple[str, str, str], refresh: bool, last_seen: dict[str, Any] | None) -> float | None:
+    plural, namespace, name = key
+    run = _get_run(*key)
+    if run is None or run["metadata"].get("deletionTimestamp"):
+        return None
+    now = _now()
+    before = run.get("status") or {}
+    started_or_over = before.get("attempt") or before.get("phase") in TERMINAL_PHASES
+    peers = Peers() if started_or_over else _peers(run)  # they matter only before the first attempt
+    pods = _pods_of(run)
+    plan = decide(run, pods, now, RUNTIME.settings, last_seen, peers)
+    if refresh and plan.verdict is not None and plan.verdict.outcome == RUNNING:
+        plan.status.update(reported_status(_trainer_report(run), {**before, **plan.status}))
+    plan.status = finite_status(plan.status, before)  # NaN or inf anywhere: the API server refuses the write
+    uids = {pod["metadata"]["name"]: pod["metadata"].get("uid") for pod in pods}
+    refusal = _apply(run, plan, now, uids)
+    if refusal is not None:
+        run = {**run, "status": {**before, **plan.status}}
+        plan = refused_pod(run, plan.create["metadata"]["name"], refusal, now, RUNTIME.settings)
+        _apply(run, plan, now, uids)
+    phase = plan.status.get("phase") or before.get("phase")
+    metrics.phase(run["kind"], namespace, name, phase)
+    if run["kind"] == "TrainingRun" and phase in TERMINAL_PHASES and before.get("phase") != phase:
+        _wake_transfers_from(namespace, name)
+    if plan.requeue_after is not None:
+        _reconcile_later(key, plan.requeue_after)
+    return plan.requeue_after
 
 
 def _peers(run: dict[str, Any]) -> Peers:
@@ -324,8 +375,7 @@ def delete_run_directory(body: kopf.Body, namespace: str, runtime: dt.timedelta,
     except ApiException as error:
         if error.status != 404:
             raise
-        _ignore(409, RUNTIME.core.create_namespaced_pod, namespace,
-                build_cleanup_pod(run_body, run, image=RUNTIME.settings.image))
+        _ignore(409, RUNTIME.core.create_namespaced_pod, namespace, cleanup_pod(run_body, run, RUNTIME.settings))
         raise kopf.TemporaryError(f"deleting {run.run_directory()} in pod {name}", delay=2)
     phase = (cleanup.get("status") or {}).get("phase")
     if phase == "Failed" or (phase != "Succeeded" and runtime.total_seconds() > CLEANUP_TIMEOUT):

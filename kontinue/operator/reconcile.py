@@ -9,11 +9,17 @@ and a verdict is recorded in the status before the pod it came from is deleted.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
+import math
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any
 
+from kontinue.api.identity import immutable_part, spec_digest
 from kontinue.api.manifests import Problem, SpecError, describe, parse_resource
-from kontinue.operator.pods import build_trainer_pod, pod_name, pod_problems
+from kontinue.api.reports import MAX_WARNINGS
+from kontinue.operator.pods import build_cleanup_pod, build_trainer_pod, pod_name, pod_problems
 from kontinue.operator.verdicts import (FAILED, PENDING, PREEMPTED, RUNNING, SUCCEEDED, Verdict, judge_gone_pod,
                                         judge_pod, parse_time, vanished)
 
@@ -21,6 +27,8 @@ PENDING_PHASE, RUNNING_PHASE, PREEMPTED_PHASE = "Pending", "Running", "Preempted
 SUCCEEDED_PHASE, FAILED_PHASE = "Succeeded", "Failed"
 TERMINAL_PHASES = (SUCCEEDED_PHASE, FAILED_PHASE)
 CONDITION_TYPES = ("Running", "Preempted", "Succeeded", "Failed")
+# Reasons of the failures no retry can mend; the run's pods are stopped with them.
+INVALID_SPEC, IMAGE_NOT_ALLOWED, SPEC_CHANGED = "InvalidSpec", "ImageNotAllowed", "SpecChanged"
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,20 @@ class Settings:
     backoff_base: float = 10.0
     backoff_max: float = 600.0
     gone_grace_seconds: float = 10.0  # how long a vanished pod's last state may take to arrive
+    # fnmatch globs (case-sensitive; * also matches /) of the other images a run's spec.image may
+    # name; `image`, which runs that name none get, is always allowed.
+    allowed_images: tuple[str, ...] = ()
+
+    def image_patterns(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((self.image, *self.allowed_images)))
+
+    def image_allowed(self, image: str) -> bool:
+        return any(fnmatchcase(image, pattern) for pattern in self.image_patterns())
+
+
+def parse_allowed_images(text: str | None) -> tuple[str, ...]:
+    """`--allowed-images` / KONTINUE_ALLOWED_IMAGES: comma-separated globs, blanks ignored."""
+    return tuple(pattern.strip() for pattern in (text or "").split(",") if pattern.strip())
 
 
 @dataclass(frozen=True)
@@ -102,14 +124,20 @@ def decide(body: dict[str, Any], pods: list[dict[str, Any]], now: dt.datetime, s
                 f"a {peers.namesake} named {run.metadata.name} exists in this namespace; the two would "
                 f"share the run directory {run.run_directory()}: rename one"))], describe(body))
     except SpecError as error:
-        message = str(error)
-        if status.get("phase") != FAILED_PHASE or status.get("message") != message:
-            _phase_change(plan, status, now, FAILED_PHASE, message,
-                          Running=("False", "InvalidSpec", message), Failed=("True", "InvalidSpec", message))
-            plan.event("Warning", "InvalidSpec", message)
-        return plan
+        # Nothing of this run can be judged any more (not even its limits): its pods are stopped.
+        return _give_up(plan, status, pods, now, INVALID_SPEC, str(error))
     if status.get("phase") in TERMINAL_PHASES:
+        plan.delete.extend(_live(pods))  # a run that ended keeps no pod running (a crash mid-write)
         return plan
+    if run.spec.image and not settings.image_allowed(run.spec.image):
+        return _give_up(plan, status, pods, now, IMAGE_NOT_ALLOWED, (
+            f"spec.image {run.spec.image} is not allowed: this operator runs only images matching "
+            f"{', '.join(settings.image_patterns())} (its --allowed-images)"))
+    spec = run.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if plan.attempt and status.get("specDigest") and spec_digest(spec) != status["specDigest"]:
+        return _give_up(plan, status, pods, now, SPEC_CHANGED, _spec_changed(spec, status))
+    if plan.attempt and not status.get("specDigest"):  # started by an operator that kept no digest
+        plan.status.update(spec_identity(spec))
     if status.get("observedGeneration") != body["metadata"].get("generation"):
         plan.status["observedGeneration"] = body["metadata"].get("generation")
 
@@ -161,6 +189,68 @@ def decide(body: dict[str, Any], pods: list[dict[str, Any]], now: dt.datetime, s
     return plan
 
 
+def _live(pods: list[dict[str, Any]]) -> list[str]:
+    """Names of the pods that may still run or be scheduled: not finished, not being deleted."""
+    return [pod["metadata"]["name"] for pod in pods if not pod["metadata"].get("deletionTimestamp")
+            and (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
+
+
+def _failed_reason(status: dict[str, Any]) -> str | None:
+    return next((c.get("reason") for c in status.get("conditions") or []
+                 if c.get("type") == "Failed" and c.get("status") == "True"), None)
+
+
+def _give_up(plan: Plan, status: dict[str, Any], pods: list[dict[str, Any]], now: dt.datetime, reason: str,
+             message: str) -> Plan:
+    """Fails the run for a reason no retry mends, and stops every pod of it still running: a run
+    the operator no longer looks after must not keep a GPU. A run that ended keeps its outcome."""
+    plan.delete.extend(_live(pods))
+    phase = status.get("phase")
+    if phase in TERMINAL_PHASES and not (phase == FAILED_PHASE and _failed_reason(status) == reason):
+        return plan
+    if phase == FAILED_PHASE and status.get("message") == message:
+        return plan  # said already
+    _phase_change(plan, status, now, FAILED_PHASE, message, Running=("False", reason, message),
+                  Failed=("True", reason, message))
+    if status.get("currentPod"):
+        plan.status.update(currentPod=None, podUID=None, podReason=None, podGoneTime=None)
+    if not status.get("completionTime"):
+        plan.status["completionTime"] = timestamp(now)
+    plan.event("Warning", reason, message)
+    return plan
+
+
+def _field_digest(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def spec_identity(spec: dict[str, Any]) -> dict[str, Any]:
+    """Status fields that pin a started run to its spec: the digest of its immutable fields
+    (kontinue.api.identity, as the trainer computes it) and a short digest per field, which
+    names the fields when they change. `spec` is the parsed spec dumped as the resource has it."""
+    return {"specDigest": spec_digest(spec),
+            "specFieldDigests": {name: _field_digest(value) for name, value in immutable_part(spec).items()}}
+
+
+def changed_fields(spec: dict[str, Any], status: dict[str, Any]) -> list[str] | None:
+    """The immutable fields (spec.x) whose digest differs from the recorded one; None if none were recorded."""
+    recorded = status.get("specFieldDigests")
+    if not isinstance(recorded, dict) or not recorded:
+        return None
+    digests = spec_identity(spec)["specFieldDigests"]
+    return [f"spec.{name}" for name in sorted(set(digests) | set(recorded)) if digests.get(name) != recorded.get(name)]
+
+
+def _spec_changed(spec: dict[str, Any], status: dict[str, Any]) -> str:
+    names = changed_fields(spec, status)
+    what = ", ".join(names) if names else "immutable fields (which ones was not recorded)"
+    pod = f"; pod {status['currentPod']} is stopped" if status.get("currentPod") else ""
+    return (f"{what} changed after the run started (attempt {status.get('attempt')}): a run directory holds "
+            f"the training of the spec it started with and must not go on with another{pod}; create a new run "
+            "for the new spec")
+
+
 def _source_ready(plan: Plan, run, status, peers: Peers, now: dt.datetime) -> bool:
     """A TransferRun from a TrainingRun starts once that run has succeeded (both may be applied at once)."""
     source = getattr(run.spec, "source", None)
@@ -194,6 +284,8 @@ def _start_attempt(plan: Plan, body, run, status, by_name, now, settings) -> Pla
     attempt = plan.attempt = int(status.get("attempt") or 0) + 1
     name = pod_name(run.metadata.name, attempt)
     plan.status.update(attempt=attempt, currentPod=name, podUID=None, podGoneTime=None, nextAttemptTime=None)
+    if not status.get("specDigest"):  # the first attempt: from now on the spec's immutable fields are fixed
+        plan.status.update(spec_identity(run.spec.model_dump(mode="json", by_alias=True, exclude_none=True)))
     if not status.get("startTime"):
         plan.status["startTime"] = timestamp(now)
     resuming = f"resuming from {status['lastCheckpoint']['uri']} (step {status['lastCheckpoint'].get('step')})" \
@@ -203,6 +295,16 @@ def _start_attempt(plan: Plan, body, run, status, by_name, now, settings) -> Pla
     plan.create = build_trainer_pod(body, run, attempt, image=settings.image, grace_seconds=settings.grace_seconds)
     plan.event("Normal", "AttemptStarted", f"attempt {attempt}: created pod {name}, {resuming}")
     return plan
+
+
+def cleanup_pod(body: dict[str, Any], run, settings: Settings) -> dict[str, Any]:
+    """The pod that deletes a deleted run's directory (kontinue.operator.pods.build_cleanup_pod). It
+    runs the run's image only if that is allowed, else the operator's: it mounts the run's volumes
+    and Secret, so an image nobody allowed must not get them this way either."""
+    pod = build_cleanup_pod(body, run, image=settings.image)
+    image = run.spec.image if run.spec.image and settings.image_allowed(run.spec.image) else settings.image
+    pod["spec"]["containers"][0]["image"] = image
+    return pod
 
 
 def refused_pod(body: dict[str, Any], name: str, message: str, now: dt.datetime, settings: Settings) -> Plan:
@@ -248,6 +350,8 @@ def _succeeded(plan: Plan, run, status, verdict: Verdict, current: str, now, set
     scores = {**(word.get("scores") or {}), **{f"test_{k}": v for k, v in (word.get("test_scores") or {}).items()}}
     if scores:
         plan.status["metrics"] = scores
+    plan.status.update(finite_status({key: plan.status[key] for key in ("metrics", "bestCheckpoint")
+                                      if key in plan.status}, status))
     plan.event("Normal", "Succeeded", message)
 
 
@@ -294,12 +398,77 @@ def _failed(plan: Plan, run, status, verdict: Verdict, current: str, now, settin
 
 
 def reported_status(report: dict[str, Any] | None, status: dict[str, Any]) -> dict[str, Any]:
-    """Status fields from the trainer's newest status line (kontinue.api.reports) that differ."""
+    """Status fields from the trainer's newest status line (kontinue.api.reports) that differ.
+    NaN and infinite numbers (a diverged loss) are left out and said in the warnings."""
     if not report:
         return {}
     update: dict[str, Any] = {key: report[key] for key in ("lastCheckpoint", "bestCheckpoint", "metrics", "warnings",
                                                            "sourceDumpUri") if report.get(key)}
-    if isinstance(report.get("progress"), (int, float)):
-        ratio = min(1.0, max(0.0, float(report["progress"])))
-        update.update(progress=f"{round(100 * ratio)}%", progressRatio=ratio)
+    notes = []
+    progress = report.get("progress")
+    if isinstance(progress, (int, float)) and not isinstance(progress, bool):
+        if math.isfinite(progress):
+            ratio = min(1.0, max(0.0, float(progress)))
+            update.update(progress=f"{round(100 * ratio)}%", progressRatio=ratio)
+        else:
+            notes.append(_non_finite_note("progress", progress))
+    update = finite_status(update, status, notes, report=True)
     return {key: value for key, value in update.items() if status.get(key) != value}
+
+
+# -- NaN and infinity: JSON has neither, and the API server refuses a status write that holds one -------
+
+NON_FINITE_NOTE = " (JSON cannot carry it: left out of the status)"
+_DROP = object()
+
+
+def _non_finite_note(path: str, value: float) -> str:
+    word = "NaN" if math.isnan(value) else "inf" if value > 0 else "-inf"
+    name = f"metric {path.removeprefix('metrics.')}" if path.startswith("metrics.") else path
+    return f"{name} is {word}{NON_FINITE_NOTE}"
+
+
+def _finite(value: Any, current: Any, path: str, notes: list[str]) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        notes.append(_non_finite_note(path, value))
+        return _DROP
+    if isinstance(value, dict):
+        clean = {}
+        for key, item in value.items():
+            held = current.get(key) if isinstance(current, dict) else None
+            item = _finite(item, held, f"{path}.{key}", notes)
+            if item is not _DROP:
+                clean[key] = item
+            elif held is not None:
+                clean[key] = None  # a merge patch deletes what the status still shows
+        return clean
+    if isinstance(value, list):
+        return [clean for index, item in enumerate(value)
+                if (clean := _finite(item, None, f"{path}[{index}]", notes)) is not _DROP]
+    return value
+
+
+def finite_status(update: dict[str, Any], status: dict[str, Any], notes: list[str] | None = None, *,
+                  report: bool = False) -> dict[str, Any]:
+    """`update` (status fields to write) without NaN or infinite numbers anywhere, each one named in
+    status.warnings ("metric val_loss is NaN ..."); a field left out that the status holds is set
+    to None, which removes it. With `report` (the update is the trainer's newest report, which says
+    all there is) warnings of values no longer NaN go; otherwise new ones are only added."""
+    notes = list(notes or [])
+    clean: dict[str, Any] = {}
+    for key, value in update.items():
+        if key == "warnings":
+            clean[key] = value
+            continue
+        item = _finite(value, status.get(key), key, notes)
+        if item is not _DROP:
+            clean[key] = item
+        elif status.get(key) is not None:
+            clean[key] = None
+    warnings = list(clean.get("warnings", status.get("warnings") or []))
+    if report:
+        warnings = [w for w in warnings if not (isinstance(w, str) and w.endswith(NON_FINITE_NOTE))]
+    warnings = (warnings + [note for note in notes if note not in warnings])[-MAX_WARNINGS:]
+    if "warnings" in clean or warnings != (status.get("warnings") or []):
+        clean["warnings"] = warnings
+    return clean
