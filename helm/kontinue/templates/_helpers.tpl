@@ -49,3 +49,44 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "kontinue.trainerImage" -}}
 {{- default (include "kontinue.image" .) .Values.trainerImage }}
 {{- end }}
+
+{{/* The ClusterKopfPeering (--peering) the operator creates at startup; defaults to the release's name. */}}
+{{- define "kontinue.peeringName" -}}
+{{- default .Release.Name .Values.peering.name }}
+{{- end }}
+
+{{/* Rules on the runs, their pods and events: in every namespace (ClusterRole) or in each of
+`namespaces` (a Role there). README.md ("Permissions") says why each is needed. */}}
+{{- define "kontinue.namespacedRules" -}}
+# the runs: watched, finalizer and kopf's annotations patched, status written; never replaced or deleted
+- apiGroups: [kontinue.dev]
+  resources: [trainingruns, transferruns]
+  verbs: [get, list, watch, patch]
+- apiGroups: [kontinue.dev]
+  resources: [trainingruns/status, transferruns/status]
+  verbs: [get, patch]
+# trainer and cleanup pods: one per attempt, deleted with the run
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch, create, delete]
+- apiGroups: [""]
+  resources: [pods/log]
+  verbs: [get]  # the trainer's status lines: progress, last checkpoint, metrics
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]  # one Event per transition
+{{- end }}
+
+{{/* Rules that are cluster-scoped whatever the operator watches (kopf). */}}
+{{- define "kontinue.clusterRules" -}}
+# cluster-scoped, for kopf: which namespaces exist, which CRDs are served, the peering
+- apiGroups: [""]
+  resources: [namespaces]
+  verbs: [list, watch]
+- apiGroups: [apiextensions.k8s.io]
+  resources: [customresourcedefinitions]
+  verbs: [list, watch]
+- apiGroups: [kopf.dev]
+  resources: [clusterkopfpeerings]
+  verbs: [get, list, watch, patch, create]  # create: the peering object, at startup if missing
+{{- end }}
