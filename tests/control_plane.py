@@ -45,10 +45,12 @@ HOW_TO_GET_THEM = (
 ADMIN_TOKEN = "kontinue-tests-admin"  # system:masters, on loopback only
 # Controllers a test cluster needs (no kubelet, no cloud): owners collect their pods, namespaces go,
 # ServiceAccounts get tokens, orphaned pods are collected, lost nodes get tainted and their pods
-# evicted, and PodDisruptionBudgets get the status the Eviction API reads.
+# evicted, PodDisruptionBudgets get the status the Eviction API reads, claims get bound to their
+# volumes and quotas get their usage.
 CONTROLLERS = ("garbage-collector-controller", "namespace-controller", "serviceaccount-controller",
                "serviceaccount-token-controller", "pod-garbage-collector-controller",
-               "node-lifecycle-controller", "taint-eviction-controller", "disruption-controller")
+               "node-lifecycle-controller", "taint-eviction-controller", "disruption-controller",
+               "persistentvolume-binder-controller", "resourcequota-controller")
 NODE_MONITOR_GRACE_SECONDS = 8  # a node whose Lease is this old is NotReady (default 50 s)
 
 

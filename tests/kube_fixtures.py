@@ -538,6 +538,7 @@ class Kubelet:
         self._orphans: list[_PodRecord] = []  # processes of pods deleted for good, being stopped
         self._records: list[_PodRecord] = []  # every pod ever admitted, for logs()
         self._overrides: dict[str, list[str]] = {}
+        self._claims: set[tuple[str, str]] = set()  # (namespace, name) created in the API
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kubelet", daemon=True)
@@ -613,6 +614,8 @@ class Kubelet:
                     record.proc.wait(10)
         for name in self.nodes:  # their pods are then orphans, which the pod GC deletes
             self.kube.delete("nodes", None, name)
+        for namespace, claim in self._claims:
+            self.kube.delete("persistentvolumes", None, f"{namespace}-{claim}")
         self._server.stop()
 
     def running_pods(self) -> list[str]:
@@ -631,8 +634,29 @@ class Kubelet:
         return record.log_path.read_text(errors="replace") if record.log_path.exists() else ""
 
     def claim_dir(self, claim: str, namespace: str | None = None) -> Path:
-        """The host directory behind a PersistentVolumeClaim (one per claim, outliving pods)."""
-        return self.root / "claims" / (namespace or self.kube.namespace) / claim
+        """The host directory behind a PersistentVolumeClaim (one per claim, outliving pods). The
+        first call also creates the claim in the API, bound to a PersistentVolume of that
+        directory: the scheduler places no pod whose claim is missing or unbound."""
+        namespace = namespace or self.kube.namespace
+        directory = self.root / "claims" / namespace / claim
+        if (namespace, claim) not in self._claims:
+            directory.mkdir(parents=True, exist_ok=True)
+            volume = f"{namespace}-{claim}"
+            size = {"storage": "10Gi"}
+            self.kube.apply_all([
+                {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": volume}, "spec": {
+                    "capacity": size, "accessModes": ["ReadWriteMany"], "storageClassName": "",
+                    "hostPath": {"path": str(directory)},
+                    "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                                 "namespace": namespace, "name": claim}}},
+                {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                 "metadata": {"name": claim, "namespace": namespace}, "spec": {
+                     "accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": volume,
+                     "resources": {"requests": size}}}])
+            self.kube.wait_for_object("persistentvolumeclaims", namespace, claim,
+                                      lambda pvc: (pvc.get("status") or {}).get("phase") == "Bound", 30)
+            self._claims.add((namespace, claim))
+        return directory
 
     def override_command(self, run: str, argv: list[str] | None) -> None:
         """Pods of that run (label kontinue.dev/run) started from now on run argv instead of
@@ -1220,3 +1244,16 @@ def operator_process(kube, tmp_path):
         yield controller
     finally:
         controller.stop(timeout=10)
+
+
+@pytest.fixture
+def priority_classes(kube):
+    """Two PriorityClasses (cluster-scoped, so named after the test's namespace)."""
+    names = {}
+    for level, value in (("low", 10), ("high", 1000)):
+        names[level] = f"{kube.namespace}-{level}"
+        kube.create({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+                     "metadata": {"name": names[level]}, "value": value})
+    yield names
+    for name in names.values():
+        kube.delete("priorityclasses", None, name)

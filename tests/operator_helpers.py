@@ -5,7 +5,6 @@ after a checkpoint, and checks over the API server's journal (every write, in or
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import sys
 from collections.abc import Callable
@@ -62,11 +61,13 @@ def local_trainer_status(run_dir: Path) -> Callable[[], dict]:
 
 
 def preempt_after_checkpoint(kube, kubelet, trainer_status, step: int, name: str = "e2e") -> str:
-    """Once the trainer has a resume point at `step` or later, preempt its pod as a node would."""
+    """Once the trainer has a resume point at `step` or later, evict its pod through the Eviction
+    API (what `kubectl drain` and node autoscalers use) and wait until it is gone."""
     kube.wait_for(lambda: (trainer_status().get("lastCheckpoint") or {}).get("step", -1) >= step
                   and run_status(kube, name).get("phase") == "Running", 120, f"a checkpoint at step {step}")
     pod = run_status(kube, name)["currentPod"]
-    kubelet.preempt(pod, reason=random.choice(["PreemptionByScheduler", "TerminationByKubelet"]))
+    kube.evict(pod)
+    kubelet.wait_gone(pod, timeout=60)
     return pod
 
 

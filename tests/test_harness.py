@@ -52,17 +52,6 @@ SLEEPER = """
 """
 
 
-@pytest.fixture
-def priority_classes(kube):
-    """Two PriorityClasses (cluster-scoped, so named after the test's namespace)."""
-    names = {}
-    for level, value in (("low", 10), ("high", 1000)):
-        names[level] = f"{kube.namespace}-{level}"
-        kube.create({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
-                     "metadata": {"name": names[level]}, "value": value})
-    yield names
-    for name in names.values():
-        kube.delete("priorityclasses", None, name)
 
 
 # -- the kubelet ------------------------------------------------------------------------------

@@ -257,7 +257,7 @@ def test_running_then_preempted_then_resumed_once_the_old_pod_is_gone():
 
 def test_preemptions_beyond_the_limit_fail_the_run():
     body = run_body()
-    body["status"] = {"attempt": 3, "currentPod": "sst-3", "podUID": "pod-sst-3", "preemptions": 2,
+    body["status"] = {"attempt": 3, "currentPod": "sst-3", "podUid": "pod-sst-3", "preemptions": 2,
                       "phase": "Running"}
     plan = decide(body, [pod_state(name="sst-3", phase="Failed", terminated=exited(143))], NOW, SETTINGS)
     assert plan.status["phase"] == "Failed"
@@ -267,7 +267,7 @@ def test_preemptions_beyond_the_limit_fail_the_run():
 
 def test_failures_back_off_then_fail_with_the_reason_while_preemptions_do_not_count():
     body = run_body()
-    body["status"] = {"attempt": 1, "currentPod": "sst-1", "podUID": "pod-sst-1", "phase": "Running",
+    body["status"] = {"attempt": 1, "currentPod": "sst-1", "podUid": "pod-sst-1", "phase": "Running",
                       "preemptions": 2}
     crashed = pod_state(phase="Failed", terminated=exited(1, reason="Error"))
     plan = decide(body, [crashed], NOW, SETTINGS)
@@ -278,7 +278,7 @@ def test_failures_back_off_then_fail_with_the_reason_while_preemptions_do_not_co
     plan = decide(body, [], NOW + dt.timedelta(seconds=11), SETTINGS)
     assert plan.create["metadata"]["name"] == "sst-2"
     body = apply(body, plan)
-    body["status"]["podUID"] = "pod-sst-2"
+    body["status"]["podUid"] = "pod-sst-2"
     plan = decide(body, [pod_state(name="sst-2", phase="Failed", terminated=exited(137, reason="OOMKilled"))],
                   NOW, SETTINGS)
     assert plan.status["phase"] == "Failed" and plan.status["failures"] == 2
@@ -288,7 +288,7 @@ def test_failures_back_off_then_fail_with_the_reason_while_preemptions_do_not_co
 
 def test_a_pod_that_vanishes_is_a_preemption_after_a_grace_period_for_its_last_state():
     body = run_body()
-    body["status"] = {"attempt": 1, "currentPod": "sst-1", "podUID": "pod-sst-1", "phase": "Running"}
+    body["status"] = {"attempt": 1, "currentPod": "sst-1", "podUid": "pod-sst-1", "phase": "Running"}
     plan = decide(body, [], NOW, SETTINGS)
     assert plan.status["podGoneTime"] == "2026-11-22T12:00:00Z" and plan.requeue_after == 10 and not plan.events
     body = apply(body, plan)
@@ -303,7 +303,7 @@ def test_a_pod_that_vanishes_is_a_preemption_after_a_grace_period_for_its_last_s
 
 def test_a_deleted_pod_is_judged_by_its_last_state_and_the_next_attempt_resumes_where_it_stopped():
     body = run_body()
-    body["status"] = {"attempt": 1, "currentPod": "sst-1", "podUID": "pod-sst-1", "phase": "Running",
+    body["status"] = {"attempt": 1, "currentPod": "sst-1", "podUid": "pod-sst-1", "phase": "Running",
                       "lastCheckpoint": {"uri": "s3://runs/ckpt/ml/sst/last.ckpt", "step": 30}}
     checkpoint = {"uri": "s3://runs/ckpt/ml/sst/last.ckpt", "step": 42}
     last_state = pod_state(phase="Failed", conditions=[DISRUPTED], deleting=True, terminated=exited(
@@ -319,7 +319,7 @@ def test_a_deleted_pod_is_judged_by_its_last_state_and_the_next_attempt_resumes_
 
 def test_a_pod_waiting_for_a_node_says_why_in_the_status():
     body = run_body()
-    body["status"] = {"attempt": 1, "currentPod": "sst-1", "podUID": "pod-sst-1", "phase": "Pending"}
+    body["status"] = {"attempt": 1, "currentPod": "sst-1", "podUid": "pod-sst-1", "phase": "Pending"}
     plan = decide(body, [UNSCHEDULED_POD], NOW, SETTINGS)
     assert plan.status["message"] == "pod sst-1: Unschedulable 0/8 nodes are available: 8 Insufficient nvidia.com/gpu."
     running = next(c for c in plan.status["conditions"] if c["type"] == "Running")
@@ -343,7 +343,7 @@ def test_a_refused_pod_is_reported_and_tried_again_without_counting_as_a_failure
 
 def test_a_pending_image_pull_is_looked_at_again_when_its_time_out_is_due():
     body = run_body()
-    body["status"] = {"attempt": 1, "currentPod": "sst-1", "podUID": "pod-sst-1", "phase": "Pending"}
+    body["status"] = {"attempt": 1, "currentPod": "sst-1", "podUid": "pod-sst-1", "phase": "Pending"}
     pulling = pod_state(phase="Pending", waiting={"reason": "ImagePullBackOff"}, created=NOW - dt.timedelta(seconds=100))
     plan = decide(body, [pulling], NOW, SETTINGS)
     assert plan.create is None and plan.requeue_after == pytest.approx(SETTINGS.image_pull_timeout - 100)
@@ -362,7 +362,7 @@ def test_a_trainer_that_refuses_its_spec_fails_the_run_at_once_without_retries()
     """Exit code 2: the trainer cannot run this spec (a family it lacks, no usable column); another
     attempt would be refused the same way, whatever spec.backoffLimit allows."""
     body = run_body()
-    body["status"] = {"attempt": 1, "currentPod": "sst-1", "podUID": "pod-sst-1", "phase": "Running"}
+    body["status"] = {"attempt": 1, "currentPod": "sst-1", "podUid": "pod-sst-1", "phase": "Running"}
     refused = pod_state(phase="Failed", terminated={
         "exitCode": 2, "reason": "Error", "message": "invalid input: data: no column any model can use"})
     plan = decide(body, [refused], NOW, SETTINGS)
@@ -386,7 +386,7 @@ def test_a_run_whose_storage_no_volume_holds_fails_as_an_invalid_spec():
 
 def test_success_records_the_trainer_result():
     body = run_body()
-    body["status"] = {"attempt": 2, "currentPod": "sst-2", "podUID": "pod-sst-2", "phase": "Running",
+    body["status"] = {"attempt": 2, "currentPod": "sst-2", "podUid": "pod-sst-2", "phase": "Running",
                       "lastCheckpoint": {"step": 40}}
     word = {"result": "succeeded", "model": "s3://runs/ckpt/ml/sst/model.ckpt",
             "dump": "s3://runs/ckpt/ml/sst/dump", "scores": {"accuracy": 0.8}, "test_scores": {"accuracy": 0.79}}
@@ -432,7 +432,7 @@ def test_runs_of_both_kinds_with_one_name_would_share_a_directory_and_are_refuse
     assert plan.status["phase"] == "Failed" and plan.create is None
     assert "metadata.name: a TransferRun named sst exists in this namespace" in plan.status["message"]
     started = run_body()
-    started["status"] = {"attempt": 1, "currentPod": "sst-1", "podUID": "pod-sst-1", "phase": "Running"}
+    started["status"] = {"attempt": 1, "currentPod": "sst-1", "podUid": "pod-sst-1", "phase": "Running"}
     assert decide(started, [pod_state()], NOW, SETTINGS).status.get("phase") is None, \
         "a run that started keeps its directory: only the newcomer is refused"
 
@@ -442,7 +442,7 @@ def test_runs_of_both_kinds_with_one_name_would_share_a_directory_and_are_refuse
 def started(body: dict, pods=None, **status) -> tuple[dict, list]:
     """`body` as the operator leaves it after starting attempt 1 (digest recorded), with a running pod."""
     body = apply(body, decide(body, [], NOW, SETTINGS))
-    body["status"].update(podUID="pod-sst-1", phase="Running", **status)
+    body["status"].update(podUid="pod-sst-1", phase="Running", **status)
     return body, [pod_state()] if pods is None else pods
 
 
@@ -513,7 +513,7 @@ def test_an_immutable_field_changed_mid_run_stops_the_pod_and_fails_the_run_nami
 ])
 def test_each_immutable_field_is_named_when_it_changes_between_attempts(edit, named):
     body, _ = started(run_body())
-    body["status"].update(currentPod=None, podUID=None, phase="Preempted", preemptions=1)
+    body["status"].update(currentPod=None, podUid=None, phase="Preempted", preemptions=1)
     body["spec"].update(edit)
     plan = decide(body, [], NOW, SETTINGS)
     assert plan.create is None and plan.status["phase"] == "Failed"
@@ -619,7 +619,7 @@ def test_nan_and_infinite_numbers_never_reach_a_status_write():
 
 def test_a_success_with_a_nan_score_records_the_rest():
     body = run_body()
-    body["status"] = {"attempt": 1, "currentPod": "sst-1", "podUID": "pod-sst-1", "phase": "Running"}
+    body["status"] = {"attempt": 1, "currentPod": "sst-1", "podUid": "pod-sst-1", "phase": "Running"}
     word = {"result": "succeeded", "scores": {"accuracy": 0.8, "log_loss": float("nan")},
             "test_scores": {"accuracy": float("inf")}}
     plan = decide(body, [pod_state(phase="Succeeded", terminated={
@@ -627,3 +627,38 @@ def test_a_success_with_a_nan_score_records_the_rest():
     assert plan.status["phase"] == "Succeeded" and plan.status["metrics"] == {"accuracy": 0.8}
     assert len(plan.status["warnings"]) == 2 and "metric log_loss is NaN" in plan.status["warnings"][0]
     json.dumps(plan.status, allow_nan=False)
+
+
+def test_status_fields_the_crd_does_not_declare_are_caught_before_the_api_server_drops_them():
+    from kontinue.operator.reconcile import undeclared_status_fields
+
+    assert undeclared_status_fields("TrainingRun", {"podUid": "u", "phase": "Running", "specDigest": "d"}) == []
+    assert undeclared_status_fields("TrainingRun", {"podUID": "u", "sourceDumpUri": "s3://b/d"}) == ["podUID", "sourceDumpUri"]
+    assert undeclared_status_fields("TransferRun", {"sourceDumpUri": "s3://b/d"}) == []
+
+
+def test_trainer_pods_leave_a_lost_node_after_node_lost_seconds_unless_the_spec_says_otherwise():
+    pod = build_trainer_pod(run_body(), parse_training_run(run_body()), 1, image="x", node_lost_seconds=45)
+    lost = {t["key"]: t for t in pod["spec"]["tolerations"]}
+    assert set(lost) == {"node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready"}
+    assert all(t["effect"] == "NoExecute" and t["tolerationSeconds"] == 45 for t in lost.values())
+    patient = run_body(resources={"tolerations": [{"key": "node.kubernetes.io/unreachable", "operator": "Exists",
+                                                   "effect": "NoExecute", "tolerationSeconds": 600}]})
+    pod = build_trainer_pod(patient, parse_training_run(patient), 1, image="x", node_lost_seconds=45)
+    assert [(t["key"], t["tolerationSeconds"]) for t in pod["spec"]["tolerations"]] == [
+        ("node.kubernetes.io/unreachable", 600), ("node.kubernetes.io/not-ready", 45)]
+
+
+def test_a_pod_left_terminating_on_a_lost_node_is_deleted_for_good_then_counted_as_a_preemption():
+    body, _ = started(run_body())
+    evicted = {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager",
+               "message": "Taint manager: deleting due to NoExecute taint"}
+    stranded = pod_state(conditions=[evicted], deleting=True)  # its grace period ends at NOW
+    settings = Settings(image=SETTINGS.image, node_lost_seconds=20)
+    waiting = decide(body, [stranded], NOW + dt.timedelta(seconds=5), settings)
+    assert waiting.force_delete == [] and waiting.create is None and waiting.requeue_after == 15
+    plan = decide(body, [stranded], NOW + dt.timedelta(seconds=21), settings)
+    assert plan.force_delete == ["sst-1"] and plan.create is None
+    assert [(e[0], e[1]) for e in plan.events] == [("Warning", "NodeLost")] and "21s" in plan.events[0][2]
+    gone = decide(apply(body, plan), [], NOW + dt.timedelta(seconds=22), settings, last_seen=stranded)
+    assert gone.status["preemptions"] == 1 and gone.verdict.reason == "DeletionByTaintManager"

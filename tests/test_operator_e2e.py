@@ -1,15 +1,17 @@
-"""The operator end to end: kopf (its own process) against the API emulator over HTTP, a
-harness kubelet running the real trainer, checkpoints in a real S3-protocol server."""
+"""The operator end to end: kopf (its own process, with the RBAC it ships) against a real API
+server, a harness kubelet running the real trainer, checkpoints in a real S3-protocol server."""
 
 from __future__ import annotations
 
 import json
 import random
+import sys
 
 import pytest
 
-from tests.operator_helpers import (OPERATOR_ARGS, preempt_after_checkpoint, run_status, tables_on_claim,
+from tests.operator_helpers import (OPERATOR_ARGS, assert_one_pod_at_a_time, run_status, tables_on_claim,
                                     transition_reasons)
+from tests.tools import run_kubectl
 from tests.trainer_fixtures import training_run
 
 
@@ -33,31 +35,70 @@ def s3_run(kube, kubelet, s3_server, tiny_bert, review_tables):
     return manifest, trainer_status
 
 
-def test_preempted_twice_the_run_finishes_bit_identical(kube, kubelet, operator_process, s3_run, reference_state):
+def test_preempted_by_the_scheduler_an_eviction_and_a_lost_node_the_run_finishes_bit_identical(
+        kube, kubelet, operator_process, s3_run, reference_state, priority_classes, tmp_path):
+    """Three preemptions as Kubernetes makes them, each a real pod object the verdicts read: the
+    scheduler gives the GPU to a higher-priority pod, `kubectl drain`'s Eviction API, and a node
+    that dies (the node lifecycle controller taints it, the taint manager deletes the pod, which
+    stays Terminating until the operator deletes it for good)."""
     manifest, trainer_status = s3_run
-    operator_process.start(*OPERATOR_ARGS)
+    manifest["spec"]["resources"] = {"gpus": 1, "priorityClassName": priority_classes["low"]}
+    ns = kube.namespace
+    kube.patch("nodes", None, kubelet.node_name, {"spec": {"unschedulable": True}})  # no GPU work there
+    gpu_nodes = [kubelet.add_node(gpus=1), kubelet.add_node(gpus=1)]
+    operator_process.start(*OPERATOR_ARGS, "--node-lost-seconds", "2")
     kube.create(manifest)
-    preempt_after_checkpoint(kube, kubelet, trainer_status, random.randint(1, 8))
-    preempt_after_checkpoint(kube, kubelet, trainer_status, trainer_status()["lastCheckpoint"]["step"] + random.randint(1, 6))
-    kube.wait_for(lambda: run_status(kube).get("phase") in ("Succeeded", "Failed"), 240, "the run to finish")
+
+    def current_pod(step: int) -> dict:
+        kube.wait_for(lambda: (trainer_status().get("lastCheckpoint") or {}).get("step", -1) >= step
+                      and run_status(kube).get("phase") == "Running", 180, f"a checkpoint at step {step}")
+        return kube.get("pods", ns, run_status(kube)["currentPod"])
+
+    def next_step() -> int:
+        return trainer_status()["lastCheckpoint"]["step"] + random.randint(1, 2)
+
+    # 1. The scheduler: the trainer holds the only schedulable GPU; an urgent pod takes it.
+    victim = current_pod(random.randint(1, 4))
+    other = next(node for node in gpu_nodes if node != victim["spec"]["nodeName"])
+    kube.patch("nodes", None, other, {"spec": {"unschedulable": True}})
+    kube.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "urgent"}, "spec": {
+        "priorityClassName": priority_classes["high"], "restartPolicy": "Never",
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [{"name": "inference", "image": "kontinue:test", "command": [sys.executable, "-c", "pass"],
+                        "resources": {"limits": {"nvidia.com/gpu": "1"}},
+                        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}]}})
+    kubelet.wait_gone(victim["metadata"]["name"], uid=victim["metadata"]["uid"], timeout=90)
+    kube.wait_for_object("pods", ns, "urgent", lambda p: p["status"].get("phase") == "Succeeded", 60)
+    kube.patch("nodes", None, other, {"spec": {"unschedulable": False}})
+
+    # 2. The Eviction API, as `kubectl drain` uses it.
+    evicted = current_pod(next_step())
+    kube.evict(evicted["metadata"]["name"])
+    kubelet.wait_gone(evicted["metadata"]["name"], uid=evicted["metadata"]["uid"], timeout=90)
+
+    # 3. The node dies with the trainer on it.
+    stranded = current_pod(next_step())
+    kubelet.lose_node(stranded["spec"]["nodeName"])
+    kube.wait_for(lambda: run_status(kube).get("phase") in ("Succeeded", "Failed"), 300, "the run to finish")
 
     status = run_status(kube)
     assert status["phase"] == "Succeeded", status
-    assert status["preemptions"] == 2 and status.get("failures", 0) == 0 and status["attempt"] == 3
-    conditions = {c["type"]: c for c in status["conditions"]}
-    assert conditions["Succeeded"]["status"] == "True" and conditions["Running"]["status"] == "False"
+    assert (status["preemptions"], status.get("failures", 0), status["attempt"]) == (3, 0, 4), status
     trainer = trainer_status()
     assert trainer["finalState"]["sha256"] == reference_state, \
         f"the resumed run must end bit-identical: {json.dumps(trainer, indent=1)}\n{kubelet.dump()}"
-    attempts = trainer["attempts"]
-    assert [a["outcome"] for a in attempts][-2:] == ["preempted", "completed"]
-    for before, after in zip(attempts, attempts[1:]):
-        assert after["fromStep"] == before["toStep"], attempts
-    assert transition_reasons(kube) == ["AttemptStarted", "Running", "Preempted"] * 2 + \
-        ["AttemptStarted", "Running", "Succeeded"]
-    resumed = [event["message"] for event in kube.events(kube.namespace, "e2e") if event["reason"] == "AttemptStarted"]
-    for message, before in zip(resumed[1:], attempts):  # the checkpoint each preempted pod left
-        assert f"resuming from s3://" in message and f"(step {before['toStep']})" in message, resumed
+    assert transition_reasons(kube) == ["AttemptStarted", "Running", "Preempted"] * 2 + [
+        "AttemptStarted", "Running", "NodeLost", "Preempted", "AttemptStarted", "Running", "Succeeded"]
+    preempted = [event["message"] for event in kube.events(ns, "e2e") if event["reason"] == "Preempted"]
+    for message, cause in zip(preempted, ("PreemptionByScheduler", "EvictionByEvictionAPI", "DeletionByTaintManager")):
+        assert cause in message, preempted
+    resumed = [event["message"] for event in kube.events(ns, "e2e") if event["reason"] == "AttemptStarted"]
+    assert all("resuming from s3://" in message for message in resumed[1:]), resumed
+    assert_one_pod_at_a_time(kube, kubelet, "e2e", ["e2e-1", "e2e-2", "e2e-3", "e2e-4"])
     assert status["metrics"] and status["dumpedModelUri"].endswith("/dump")
-    pods = kube.list("pods", kube.namespace)
-    assert [p["metadata"]["name"] for p in pods] == ["e2e-3"], "earlier attempts' pods are gone"
+    assert [p["metadata"]["name"] for p in kube.list("pods", ns, labels={"kontinue.dev/run": "e2e"})] == ["e2e-4"]
+    # what a user sees: kubectl against the same API server, as the operator's reader
+    kubeconfig = kube.kubeconfig(tmp_path / "user.kubeconfig")
+    run_kubectl("wait", "--for=condition=Succeeded", "trainingrun/e2e", "-n", ns, "--timeout=10s", kubeconfig=kubeconfig)
+    row = run_kubectl("get", "trainingrun", "e2e", "-n", ns, "--no-headers", kubeconfig=kubeconfig).stdout.split()
+    assert row[:4] == ["e2e", "Succeeded", "100%", "3"], row

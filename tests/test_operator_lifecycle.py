@@ -1,8 +1,9 @@
 """The operator's life cycle end to end: failures and their back-off, OOM and image pulls, the
 operator killed and restarted mid-flow, invalid specs, deletion, status columns, probes, metrics.
 
-Every test runs the real `kontinue operator` process against the API emulator, with the harness
-kubelet running pods as local processes (the real trainer unless a test overrides the command).
+Every test runs the real `kontinue operator` process, with the RBAC it ships, against a real API
+server, with the harness kubelet running pods as local processes (the real trainer unless a test
+overrides the command).
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ import socket
 import time
 from pathlib import Path
 
-import kmock
 import pytest
 import requests
 
-from tests.kube_fixtures import PODS, ApiServer
+from tests.kube_fixtures import ApiError
 from tests.operator_helpers import (OPERATOR_ARGS, SLEEPER, assert_one_pod_at_a_time, local_trainer_status,
                                     pod_lifetimes, preempt_after_checkpoint, run_status, tables_on_claim,
                                     transition_reasons)
@@ -57,7 +57,7 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def manifest_in(kubelet, tiny_bert, review_tables):
+def manifest_in(kube, kubelet, tiny_bert, review_tables):
     """A TrainingRun checkpointing onto a PersistentVolumeClaim (mounted at /runs) with its data on
     another (/data), and its run directory as this machine sees it."""
     data, data_volume = tables_on_claim(kubelet, review_tables)
@@ -65,7 +65,8 @@ def manifest_in(kubelet, tiny_bert, review_tables):
 
     def make(name: str, **spec) -> tuple[dict, Path]:
         manifest = training_run(name, "/runs", data, tiny_bert, volumes=[data_volume, runs_volume], **spec)
-        return manifest, kubelet.claim_dir("runs") / "tests" / name
+        manifest["metadata"]["namespace"] = kube.namespace
+        return manifest, kubelet.claim_dir("runs") / kube.namespace / name
     return make
 
 
@@ -92,7 +93,7 @@ def test_code_failures_use_the_backoff_limit_preemptions_do_not_and_operator_kil
     # Attempt 2 fails in code; the operator dies during the back-off and misses its deadline.
     kube.wait_for(lambda: run_status(kube, "flaky").get("failures") == 1, 90, "the first failure")
     status = run_status(kube, "flaky")
-    assert status["preemptions"] == 1 and status["phase"] == "Pending", status
+    assert status.get("preemptions") == 1 and status["phase"] == "Pending", status
     assert conditions_of(status)["Running"]["reason"] == "BackOff"
     first_retry = parse_time(status["nextAttemptTime"])
     assert first_retry > dt.datetime.now(dt.timezone.utc), "the kill must fall into the back-off"
@@ -134,7 +135,7 @@ def test_code_failures_use_the_backoff_limit_preemptions_do_not_and_operator_kil
 
 
 def test_oom_kill_and_unpullable_image_are_failures_with_their_reason(kube, kubelet, operator_process, manifest_in):
-    operator_process.start(*OPERATOR_ARGS, "--image-pull-timeout", "2")
+    operator_process.start(*OPERATOR_ARGS, "--image-pull-timeout", "2", "--allowed-images", "kontinue:test,registry.invalid/*")
     oom, _ = manifest_in("oom", backoffLimit=0)
     pull, _ = manifest_in("pull", backoffLimit=1, image="registry.invalid/kontinue:none")
     kubelet.override_command("oom", SLEEPER)
@@ -163,7 +164,7 @@ def test_oom_kill_and_unpullable_image_are_failures_with_their_reason(kube, kube
 # -- the operator killed mid-run -----------------------------------------------------------------
 
 def test_operator_killed_anywhere_the_run_ends_the_same(kube, kubelet, operator_process, manifest_in,
-                                                        reference_state, monkeypatch):
+                                                        reference_state):
     """SIGKILL while the pod runs, while a preemption happens, and after the next attempt is
     recorded but before its pod exists: same counts, events, pods and bit-identical weights."""
     manifest, run_dir = manifest_in("e2e")
@@ -188,15 +189,16 @@ def test_operator_killed_anywhere_the_run_ends_the_same(kube, kubelet, operator_
     wait_until_serving(operator_process)
 
     # After the next attempt is recorded, before its pod exists: the API server refuses pod
-    # creation for a while (as an admission webhook outage would), and the operator dies then.
-    refusing = RefusePods(monkeypatch)
-    refusing.on()
+    # creation for a while (a ResourceQuota allowing no pods), and the operator dies then.
+    kube.create({"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-pods"},
+                 "spec": {"hard": {"pods": "0"}}})
     preempt_after_checkpoint(kube, kubelet, trainer_status, 18)
     kube.wait_for(lambda: run_status(kube).get("currentPod") == "e2e-3", 60, "attempt 3 to be recorded")
-    kube.wait_for(lambda: refusing.refused, 30, "the operator to try creating e2e-3")
+    kube.wait_for(lambda: "exceeded quota" in (run_status(kube).get("message") or ""), 30,
+                  "the operator to try creating e2e-3")
     operator_process.kill()
     assert kube.get("pods", kube.namespace, "e2e-3") is None
-    refusing.off()
+    kube.delete("resourcequotas", kube.namespace, "no-pods")
     operator_process.start(*OPERATOR_ARGS)
 
     status = wait_finished(kube, "e2e", 240)
@@ -224,44 +226,25 @@ def wait_until_serving(operator_process) -> None:
                                    "the restarted operator to reconcile")
 
 
-class RefusePods:
-    """Makes the emulated API server refuse pod creation while on: by default with a 503, as an
-    admission webhook that times out; or as a ResourceQuota does."""
-
-    def __init__(self, monkeypatch, code: int = 503, reason: str = "ServiceUnavailable",
-                 message: str = "admission webhook timed out"):
-        self.active, self.refused = False, 0
-        original = ApiServer._create
-
-        async def create(server, request):
-            if self.active and request.resource == PODS:
-                self.refused += 1
-                raise kmock.KubernetesError(code, reason, message)
-            return await original(server, request)
-        monkeypatch.setattr(ApiServer, "_create", create)
-
-    def on(self) -> None:
-        self.active = True
-
-    def off(self) -> None:
-        self.active = False
-
-
 def test_a_pod_the_api_server_refuses_is_reported_and_created_once_it_may_be(
-        kube, kubelet, operator_process, manifest_in, monkeypatch):
-    quota = 'pods "quota-1" is forbidden: exceeded quota: gpus, requested: nvidia.com/gpu=1, limited: nvidia.com/gpu=0'
-    refusing = RefusePods(monkeypatch, 403, "Forbidden", quota)
-    refusing.on()
+        kube, kubelet, operator_process, manifest_in):
+    """A ResourceQuota allowing no GPU: the pod is refused (403, exceeded quota), the run says so
+    once and keeps trying; once the quota allows a GPU the pod is created."""
+    kube.create({"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "gpus"},
+                 "spec": {"hard": {"requests.nvidia.com/gpu": "0"}}})
+    kube.wait_for_object("resourcequotas", kube.namespace, "gpus", lambda q: (q.get("status") or {}).get("hard"))
     operator_process.start(*OPERATOR_ARGS)
     kubelet.override_command("quota", SLEEPER)
-    manifest, _ = manifest_in("quota")
+    manifest, _ = manifest_in("quota", resources={"gpus": 1})
     kube.create(manifest)
-    kube.wait_for(lambda: refusing.refused >= 2, 30, "the operator to try the pod again")
+    kube.wait_for(lambda: "exceeded quota" in (run_status(kube, "quota").get("message") or ""), 30,
+                  "the refusal in the run's status")
+    time.sleep(3)  # retries (--backoff-seconds 1) post no more events
     status = run_status(kube, "quota")
-    assert quota in status["message"] and status["phase"] == "Pending", status
+    assert 'pods "quota-1" is forbidden: exceeded quota: gpus' in status["message"] and status["phase"] == "Pending"
     assert conditions_of(status)["Running"]["reason"] == "PodCreateFailed"
     assert transition_reasons(kube, "quota") == ["AttemptStarted", "PodCreateFailed"], "one Warning, not one per try"
-    refusing.off()
+    kube.patch("resourcequotas", kube.namespace, "gpus", {"spec": {"hard": {"requests.nvidia.com/gpu": "1"}}})
     kube.wait_for(lambda: run_status(kube, "quota").get("phase") == "Running", 60, "the pod once the quota allows")
     status = run_status(kube, "quota")
     assert (status["attempt"], status.get("failures", 0), status.get("preemptions", 0)) == (1, 0, 0), status
@@ -272,15 +255,21 @@ def test_a_pod_the_api_server_refuses_is_reported_and_created_once_it_may_be(
 def test_invalid_specs_fail_with_the_field_and_the_operator_lives_on(kube, kubelet, operator_process, manifest_in):
     health, metrics = free_port(), free_port()
     operator_process.start("--health-port", str(health), "--metrics-port", str(metrics), *OPERATOR_ARGS[4:])
-    typo, _ = manifest_in("typo", hyperparameters={"optim.lrr": 1})
     enum, _ = manifest_in("enum")
     enum["spec"]["task"]["problemType"] = "clustering"
     shape, _ = manifest_in("shape")
     shape["spec"] = "train it"
-    for manifest in (typo, enum, shape):
+    for manifest, field in ((enum, 'spec.task.problemType: Unsupported value: "clustering"'),
+                            (shape, "spec: Invalid value: \"string\": spec in body must be of type object")):
+        with pytest.raises(ApiError) as refused:  # the CRD's schema: the API server refuses them itself
+            kube.create(manifest)
+        assert refused.value.status == 422 and field in refused.value.body["message"], refused.value.body
+    typo, _ = manifest_in("typo", hyperparameters={"optim.lrr": 1})  # what no schema can tell: the operator
+    uncased, _ = manifest_in("uncased", hyperparameters={"optim.lr": "fast"})
+    for manifest in (typo, uncased):
         kube.create(manifest)
     for name, field in (("typo", "spec.hyperparameters.optim.lrr: unknown hyperparameter; did you mean 'optim.lr'?"),
-                        ("enum", "spec.task.problemType: Input should be"), ("shape", "spec: Input should be")):
+                        ("uncased", "spec.hyperparameters.optim.lr")):
         status = wait_finished(kube, name, 60)
         failed = conditions_of(status)["Failed"]
         assert (status["phase"], failed["status"], failed["reason"]) == ("Failed", "True", "InvalidSpec"), status
@@ -294,7 +283,7 @@ def test_invalid_specs_fail_with_the_field_and_the_operator_lives_on(kube, kubel
     kubelet.preempt("valid-1")
     status = wait_finished(kube, "valid")
     assert (status["phase"], status["preemptions"], status["attempt"]) == ("Succeeded", 1, 2), status
-    for name in ("typo", "enum", "shape"):
+    for name in ("typo", "uncased"):
         assert transition_reasons(kube, name) == ["InvalidSpec"]
         assert pod_lifetimes(kube, name) == []
     assert operator_process.running
@@ -304,7 +293,7 @@ def test_invalid_specs_fail_with_the_field_and_the_operator_lives_on(kube, kubel
     text = requests.get(f"http://127.0.0.1:{metrics}/metrics", timeout=10).text
     samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
                for line in text.splitlines() if line and not line.startswith("#")}
-    assert samples['kontinue_trainingruns{phase="Failed"}'] == 3
+    assert samples['kontinue_trainingruns{phase="Failed"}'] == 2
     assert samples['kontinue_trainingruns{phase="Succeeded"}'] == 1
     assert samples['kontinue_trainingruns{phase="Running"}'] == 0
     assert sum(v for k, v in samples.items() if k.startswith("kontinue_preemptions_total{")) == 1, text

@@ -15,7 +15,8 @@ def test_run_directory_and_data_on_claims_survive_a_preemption(kube, kubelet, op
     data, data_volume = tables_on_claim(kubelet, review_tables)
     manifest = training_run("vol", "/runs", data, tiny_bert, volumes=[
         {"name": "runs", "claimName": "runs", "mountPath": "/runs", "subPath": "kontinue"}, data_volume])
-    run_dir = kubelet.claim_dir("runs") / "kontinue" / "tests" / "vol"
+    manifest["metadata"]["namespace"] = kube.namespace
+    run_dir = kubelet.claim_dir("runs") / "kontinue" / kube.namespace / "vol"
     operator_process.start(*OPERATOR_ARGS)
     kube.create(manifest)
 

@@ -156,7 +156,7 @@ def trainer_pod(name: str, uid: str, *, phase: str = "Running", terminated: dict
 
 
 PREEMPTED = {"exitCode": 75, "reason": "Error", "message": json.dumps({"result": "preempted", "step": 40})}
-RUNNING = {"attempt": 1, "currentPod": "sst-1", "podUID": "uid-sst-1", "phase": "Running"}
+RUNNING = {"attempt": 1, "currentPod": "sst-1", "podUid": "uid-sst-1", "phase": "Running"}
 
 
 def test_a_decision_on_a_read_another_writer_overtook_is_never_applied_but_decided_again(cluster):
@@ -166,7 +166,7 @@ def test_a_decision_on_a_read_another_writer_overtook_is_never_applied_but_decid
 
     def other_operator(api: FakeApi) -> None:  # judged the same pod first (and is about to delete it)
         run = copy.deepcopy(api.run())
-        run["status"].update(preemptions=1, currentPod=None, podUID=None, phase="Preempted")
+        run["status"].update(preemptions=1, currentPod=None, podUid=None, phase="Preempted")
         api.write(run)
     fake.after_get.append(other_operator)
 

@@ -25,6 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "(env KONTINUE_ALLOWED_IMAGES)")
     parser.add_argument("--grace-seconds", type=int, default=120,
                         help="terminationGracePeriodSeconds of trainer pods: time for the SIGTERM checkpoint")
+    parser.add_argument("--node-lost-seconds", type=int, default=60,
+                        help="seconds a trainer pod tolerates its node not reporting before it is evicted, and "
+                             "then stays Terminating past its grace period before it is deleted for good "
+                             "(the run resumes on another node)")
     parser.add_argument("--image-pull-timeout", type=float, default=300.0,
                         help="seconds a pod may fail to pull its image before the attempt counts as failed")
     parser.add_argument("--backoff-seconds", type=float, default=10.0,
@@ -64,7 +68,7 @@ def _operator(args: argparse.Namespace) -> int:
     handlers.RUNTIME.api = ApiClient(configuration)
     handlers.tick_every(args.progress_seconds)
     handlers.RUNTIME.settings = Settings(
-        image=args.image or defaults.image, grace_seconds=args.grace_seconds,
+        image=args.image or defaults.image, grace_seconds=args.grace_seconds, node_lost_seconds=args.node_lost_seconds,
         image_pull_timeout=args.image_pull_timeout, backoff_base=args.backoff_seconds,
         backoff_max=args.backoff_max_seconds, allowed_images=parse_allowed_images(args.allowed_images))
     log.info("trainer image %s; runs may name images matching %s", handlers.RUNTIME.settings.image,

@@ -22,7 +22,8 @@ from kontinue.api.reports import last_status
 from kontinue.operator import metrics
 from kontinue.operator.pods import ATTEMPT_LABEL, CONTAINER, RUN_LABEL, cleanup_pod_name, run_label
 from kontinue.operator.reconcile import (PENDING_PHASE, RUNNING_PHASE, TERMINAL_PHASES, Peers, Plan, Settings,
-                                         cleanup_pod, decide, finite_status, refused_pod, reported_status, timestamp)
+                                         cleanup_pod, decide, finite_status, refused_pod, reported_status, timestamp,
+                                         undeclared_status_fields)
 from kontinue.operator.verdicts import RUNNING, termination_message
 
 GROUP, VERSION = "kontinue.dev", "v1alpha1"
@@ -142,10 +143,12 @@ def _patch_status(run: dict[str, Any], status: dict[str, Any] | None) -> None:
     meta["resourceVersion"] = (written.get("metadata") or {}).get("resourceVersion", meta["resourceVersion"])
 
 
-def _delete_pod(namespace: str, name: str, uid: str | None) -> None:
+def _delete_pod(namespace: str, name: str, uid: str | None, *, force: bool = False) -> None:
     """Deletes the very pod the decision saw: a pod that took its name since (the same attempt
-    created again) is left alone (409), one already gone is fine (404)."""
-    options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid)) if uid else None
+    created again) is left alone (409), one already gone is fine (404). `force`: at once (grace
+    period 0), for a pod whose kubelet is gone."""
+    options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid) if uid else None,
+                                     grace_period_seconds=0 if force else None)
     try:
         RUNTIME.core.delete_namespaced_pod(name, namespace, body=options)
     except ApiException as error:
@@ -167,7 +170,7 @@ def _apply(run: dict[str, Any], plan: Plan, now: dt.datetime, uids: dict[str, st
     meta = run["metadata"]
     current = run.get("status") or {}
     changed = {key: value for key, value in plan.status.items() if current.get(key) != value}
-    if plan.events or (not changed and (plan.delete or plan.create is not None)):
+    if plan.events or (not changed and (plan.delete or plan.force_delete or plan.create is not None)):
         _patch_status(run, None)  # is the read still current? (a no-op: nothing is written)
     # Events next: a transition whose status write is lost (a crash, an API error further down)
     # is decided again by the next reconcile and posts the same event name, which is then a no-op;
@@ -178,6 +181,8 @@ def _apply(run: dict[str, Any], plan: Plan, now: dt.datetime, uids: dict[str, st
         _patch_status(run, changed)
     for name in plan.delete:
         _delete_pod(meta["namespace"], name, (uids or {}).get(name))
+    for name in plan.force_delete:
+        _delete_pod(meta["namespace"], name, (uids or {}).get(name), force=True)
     if plan.verdict is not None and plan.verdict.final:
         metrics.verdict(plan.verdict)
     if plan.create is not None:
@@ -225,6 +230,8 @@ def _reconcile_once(key: tuple[str, str, str], refresh: bool, last_seen: dict[st
     if refresh and plan.verdict is not None and plan.verdict.outcome == RUNNING:
         plan.status.update(reported_status(_trainer_report(run), {**before, **plan.status}))
     plan.status = finite_status(plan.status, before)  # NaN or inf anywhere: the API server refuses the write
+    if undeclared := undeclared_status_fields(run["kind"], plan.status):
+        raise RuntimeError(f"status fields {undeclared} are not in the {run['kind']} CRD: the API server would drop them")
     uids = {pod["metadata"]["name"]: pod["metadata"].get("uid") for pod in pods}
     refusal = _apply(run, plan, now, uids)
     if refusal is not None:

@@ -7,6 +7,7 @@ import json
 import posixpath
 from typing import Any
 
+from kontinue.api.contract import ATTEMPT_ENV, RUN_UID_ENV
 from kontinue.api.manifests import Problem
 from kontinue.api.models import RESERVED_VOLUMES, TrainingRun, TransferRun, VolumeSpec, path_within
 
@@ -142,8 +143,20 @@ def _locked_down_pod(body: dict[str, Any], run: TrainingRun, name: str, labels: 
     }
 
 
+LOST_NODE_TAINTS = ("node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready")
+
+
+def _lost_node_tolerations(run: TrainingRun, seconds: int) -> list[dict[str, Any]]:
+    """How long the pod stays bound to a node that stopped reporting before the taint manager
+    evicts it (Kubernetes' default is 300 s: five GPU-minutes lost per spot reclaim). Tolerations
+    the spec gives for these taints win."""
+    named = {toleration.key for toleration in run.spec.resources.tolerations}
+    return [{"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": seconds}
+            for key in LOST_NODE_TAINTS if key not in named]
+
+
 def build_trainer_pod(body: dict[str, Any], run: TrainingRun, attempt: int, *, image: str,
-                      grace_seconds: int = 120) -> dict[str, Any]:
+                      grace_seconds: int = 120, node_lost_seconds: int = 60) -> dict[str, Any]:
     """The pod of one attempt: `kontinue train` on the run directory, locked down, owned by the run.
 
     `body` is the TrainingRun object as the API returned it (for its uid); `run` its parsed form.
@@ -152,7 +165,9 @@ def build_trainer_pod(body: dict[str, Any], run: TrainingRun, attempt: int, *, i
         "image": run.spec.image or image,
         "command": ["kontinue", "train"],
         "args": ["--spec", f"env:{SPEC_ENV}", "--run-dir", run.run_directory(), "--scratch", f"{SCRATCH}/work"],
-        "env": [_spec_variable(run)],
+        # uid and attempt: which run and attempt may write the run directory (kontinue.trainer.ownership)
+        "env": [_spec_variable(run), {"name": RUN_UID_ENV, "value": body["metadata"]["uid"]},
+                {"name": ATTEMPT_ENV, "value": str(attempt)}],
         "resources": _resources(run),
     }
     pod = _locked_down_pod(body, run, pod_name(run.metadata.name, attempt),
@@ -160,6 +175,7 @@ def build_trainer_pod(body: dict[str, Any], run: TrainingRun, attempt: int, *, i
                            container, shared_memory=bool(run.spec.resources.gpus), grace_seconds=grace_seconds)
     if run.spec.resources.priority_class_name:
         pod["spec"]["priorityClassName"] = run.spec.resources.priority_class_name
+    pod["spec"]["tolerations"] = pod["spec"].get("tolerations", []) + _lost_node_tolerations(run, node_lost_seconds)
     return pod
 
 

@@ -39,6 +39,9 @@ class Settings:
     backoff_base: float = 10.0
     backoff_max: float = 600.0
     gone_grace_seconds: float = 10.0  # how long a vanished pod's last state may take to arrive
+    # how long a trainer pod tolerates its node not reporting (taint manager); a pod still there
+    # this long after its grace period ended has no kubelet left to finish its deletion
+    node_lost_seconds: int = 60
     # fnmatch globs (case-sensitive; * also matches /) of the other images a run's spec.image may
     # name; `image`, which runs that name none get, is always allowed.
     allowed_images: tuple[str, ...] = ()
@@ -72,6 +75,7 @@ class Plan:
 
     status: dict[str, Any] = field(default_factory=dict)
     delete: list[str] = field(default_factory=list)
+    force_delete: list[str] = field(default_factory=list)  # pods no kubelet is left to remove
     create: dict[str, Any] | None = None
     events: list[tuple[str, str, str, int]] = field(default_factory=list)  # (type, reason, message, attempt)
     requeue_after: float | None = None
@@ -146,6 +150,14 @@ def decide(body: dict[str, Any], pods: list[dict[str, Any]], now: dt.datetime, s
     stale = [name for name, pod in by_name.items()
              if name != current and not pod["metadata"].get("deletionTimestamp")]
     plan.delete.extend(stale)
+    for pod in pods:
+        if (deleted := parse_time(pod["metadata"].get("deletionTimestamp"))) is not None:
+            plan.requeue(max(1.0, settings.node_lost_seconds - (now - deleted).total_seconds()))
+        if (overdue := _overdue_deletion(pod, now, settings)) is not None:
+            name = pod["metadata"]["name"]
+            plan.force_delete.append(name)
+            plan.event("Warning", "NodeLost", f"pod {name} was still terminating {overdue:.0f}s after its grace "
+                       "period ended: its node stopped reporting; deleted it for good so the run resumes elsewhere")
 
     if current is None:
         if not plan.attempt and not _source_ready(plan, run, status, peers, now):
@@ -155,10 +167,11 @@ def decide(body: dict[str, Any], pods: list[dict[str, Any]], now: dt.datetime, s
     if last_seen is not None and last_seen["metadata"].get("name") != current:
         last_seen = None
     if pod is None:
-        if not status.get("podUID") and last_seen is None:
+        if not status.get("podUid") and last_seen is None:
             # named in the status, never created: the operator stopped in between
             plan.create = build_trainer_pod(body, run, status["attempt"], image=settings.image,
-                                            grace_seconds=settings.grace_seconds)
+                                            grace_seconds=settings.grace_seconds,
+                                            node_lost_seconds=settings.node_lost_seconds)
             return plan
         verdict = judge_gone_pod(last_seen, now, settings.image_pull_timeout)
         if verdict is None:
@@ -172,8 +185,8 @@ def decide(body: dict[str, Any], pods: list[dict[str, Any]], now: dt.datetime, s
                 return plan
             verdict = vanished(current)
     else:
-        if status.get("podUID") != pod["metadata"].get("uid"):
-            plan.status["podUID"] = pod["metadata"].get("uid")
+        if status.get("podUid") != pod["metadata"].get("uid"):
+            plan.status["podUid"] = pod["metadata"].get("uid")
         verdict = judge_pod(pod, now, settings.image_pull_timeout)
     plan.verdict = verdict
     if not verdict.final:
@@ -213,7 +226,7 @@ def _give_up(plan: Plan, status: dict[str, Any], pods: list[dict[str, Any]], now
     _phase_change(plan, status, now, FAILED_PHASE, message, Running=("False", reason, message),
                   Failed=("True", reason, message))
     if status.get("currentPod"):
-        plan.status.update(currentPod=None, podUID=None, podReason=None, podGoneTime=None)
+        plan.status.update(currentPod=None, podUid=None, podReason=None, podGoneTime=None)
     if not status.get("completionTime"):
         plan.status["completionTime"] = timestamp(now)
     plan.event("Warning", reason, message)
@@ -283,7 +296,7 @@ def _start_attempt(plan: Plan, body, run, status, by_name, now, settings) -> Pla
         return plan
     attempt = plan.attempt = int(status.get("attempt") or 0) + 1
     name = pod_name(run.metadata.name, attempt)
-    plan.status.update(attempt=attempt, currentPod=name, podUID=None, podGoneTime=None, nextAttemptTime=None)
+    plan.status.update(attempt=attempt, currentPod=name, podUid=None, podGoneTime=None, nextAttemptTime=None)
     if not status.get("specDigest"):  # the first attempt: from now on the spec's immutable fields are fixed
         plan.status.update(spec_identity(run.spec.model_dump(mode="json", by_alias=True, exclude_none=True)))
     if not status.get("startTime"):
@@ -292,7 +305,8 @@ def _start_attempt(plan: Plan, body, run, status, by_name, now, settings) -> Pla
         if status.get("lastCheckpoint") else "starting from the beginning"
     _phase_change(plan, status, now, PENDING_PHASE, f"attempt {attempt}: pod {name}, {resuming}",
                   Running=("False", "PodPending", f"waiting for pod {name}"))
-    plan.create = build_trainer_pod(body, run, attempt, image=settings.image, grace_seconds=settings.grace_seconds)
+    plan.create = build_trainer_pod(body, run, attempt, image=settings.image, grace_seconds=settings.grace_seconds,
+                                    node_lost_seconds=settings.node_lost_seconds)
     plan.event("Normal", "AttemptStarted", f"attempt {attempt}: created pod {name}, {resuming}")
     return plan
 
@@ -357,7 +371,7 @@ def _succeeded(plan: Plan, run, status, verdict: Verdict, current: str, now, set
 
 def _preempted(plan: Plan, run, status, verdict: Verdict, current: str, now, settings) -> None:
     preemptions = int(status.get("preemptions") or 0) + 1
-    plan.status.update(preemptions=preemptions, currentPod=None, podUID=None, podReason=None, podGoneTime=None,
+    plan.status.update(preemptions=preemptions, currentPod=None, podUid=None, podReason=None, podGoneTime=None,
                        preemptedTime=timestamp(now))
     step = verdict.trainer.get("step")
     if verdict.trainer.get("checkpoint"):
@@ -378,7 +392,7 @@ def _preempted(plan: Plan, run, status, verdict: Verdict, current: str, now, set
 
 def _failed(plan: Plan, run, status, verdict: Verdict, current: str, now, settings: Settings) -> None:
     failures = int(status.get("failures") or 0) + 1
-    plan.status.update(failures=failures, currentPod=None, podUID=None, podReason=None, podGoneTime=None)
+    plan.status.update(failures=failures, currentPod=None, podUid=None, podReason=None, podGoneTime=None)
     detail = f"pod {current} failed ({verdict.reason}): {verdict.message}"
     if verdict.reason == "InvalidSpec" or failures > run.spec.backoff_limit:
         # the trainer refused the spec or its data: another attempt would be refused the same way
@@ -446,6 +460,29 @@ def _finite(value: Any, current: Any, path: str, notes: list[str]) -> Any:
         return [clean for index, item in enumerate(value)
                 if (clean := _finite(item, None, f"{path}[{index}]", notes)) is not _DROP]
     return value
+
+
+def _overdue_deletion(pod: dict[str, Any], now: dt.datetime, settings: Settings) -> float | None:
+    """Seconds past its grace period (and `node_lost_seconds` more) that a pod being deleted is
+    still there, or None: a live kubelet removes a pod once its containers stopped, so a pod left
+    Terminating this long is on a node that is gone (no kubelet will ever finish the delete)."""
+    meta = pod["metadata"]
+    deleted = parse_time(meta.get("deletionTimestamp"))
+    if deleted is None:
+        return None
+    # deletionTimestamp is when the grace period ends (the API server adds it when marking)
+    overdue = (now - deleted).total_seconds()
+    return overdue if overdue >= settings.node_lost_seconds else None
+
+
+def undeclared_status_fields(kind: str, update: dict[str, Any]) -> list[str]:
+    """Top-level status fields the CRD does not declare: the API server would drop them silently
+    (structural schemas prune), so the operator would decide from a status it never wrote."""
+    from kontinue.api.models import TrainingRunStatus, TransferRunStatus
+
+    model = TransferRunStatus if kind == "TransferRun" else TrainingRunStatus
+    declared = {info.alias or name for name, info in model.model_fields.items()}
+    return sorted(set(update) - declared)
 
 
 def finite_status(update: dict[str, Any], status: dict[str, Any], notes: list[str] | None = None, *,
