@@ -9,6 +9,12 @@ from __future__ import annotations
 SUCCEEDED_EXIT_CODE = 0
 INVALID_SPEC_EXIT_CODE = 2   # the spec or its data cannot be trained: never retried
 PREEMPTED_EXIT_CODE = 75     # EX_TEMPFAIL: stopped at a resume point, run me again
+# A trainer whose run directory a newer attempt (or a re-created run) has claimed stops without
+# writing (kontinue.trainer.ownership). Its pod is normally no longer the operator's current one, so
+# nobody acts on the code; should it be (the operator's attempt count fell behind the directory's),
+# "stopped with nothing lost, run the next attempt" is the right reading, hence the same code as a
+# preemption. The termination message says "superseded".
+SUPERSEDED_EXIT_CODE = PREEMPTED_EXIT_CODE
 
 
 class InvalidInput(ValueError):

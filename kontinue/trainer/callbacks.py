@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from kontinue.api.contract import PREEMPTED_EXIT_CODE
+from kontinue.trainer.ownership import Superseded
 from kontinue.trainer.rundir import now
 from kontinue.trainer.signals import STOP_BEFORE_TRAINING
 
@@ -209,10 +210,15 @@ class StatusReporter(pl.Callback):
         self._end_attempt(trainer, pl_module, "completed", "Running")
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        if isinstance(exception, Preempted):
-            self._end_attempt(trainer, pl_module, "preempted", "Preempted")
-        else:
-            self._end_attempt(trainer, pl_module, f"failed: {type(exception).__name__}: {exception}", "Failed")
+        if isinstance(exception, Superseded):
+            return  # the directory is a newer attempt's now: nothing more is written to it
+        try:
+            if isinstance(exception, Preempted):
+                self._end_attempt(trainer, pl_module, "preempted", "Preempted")
+            else:
+                self._end_attempt(trainer, pl_module, f"failed: {type(exception).__name__}: {exception}", "Failed")
+        except Superseded:
+            pass  # found superseded while recording this end: the exception in flight still ends the fit
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if time.monotonic() - self._last_write >= self.every_n_seconds:

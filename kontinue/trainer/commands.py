@@ -109,6 +109,9 @@ def _run(args: argparse.Namespace) -> int:
     outcome = _attempt(args.manifest, run, run_dir, progress_bar=True)
     if outcome is None:
         return INVALID_SPEC_EXIT_CODE
+    if outcome.result == "superseded":  # another attempt claimed the run directory meanwhile
+        print(f"\n{outcome.message}", file=sys.stderr)
+        return outcome.exit_code
     if outcome.result == "preempted":
         print(f"\nStopped at step {outcome.step}; the state is saved in {outcome.run_dir}.\n"
               f"Run the same command again to resume.")

@@ -6,6 +6,7 @@
     model.ckpt      the best weights so far
     status.json     phase, progress, last checkpoint, metrics, warnings
     dump/           dump_model output
+    owner.json      which run, spec and attempt the directory belongs to (kontinue.trainer.ownership)
 
 Training always happens in a local directory; when the run directory is remote (S3), every file
 written locally is published there too, and `fetch` brings a run back onto a new machine.
@@ -23,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from kontinue.storage import ChecksumMismatch, LocalStore, ObjectNotFound, Store, open_store
+from kontinue.trainer.ownership import Claimant, Ownership, Superseded
 
 log = logging.getLogger("kontinue.trainer")
 
@@ -47,6 +49,7 @@ class RunDirectory:
         self.remote = remote
         self.status: dict[str, Any] = self._read_json(STATUS) or {}
         self.report: Callable[[dict[str, Any]], None] | None = None  # called after each status write
+        self.ownership: Ownership | None = None  # set by claim(): every write is fenced from then on
 
     @property
     def uri(self) -> str:
@@ -69,11 +72,32 @@ class RunDirectory:
                 self.remote.get_file(info.key, self.path / info.key)
         self.status = self._read_json(STATUS) or {}
 
+    # -- ownership -------------------------------------------------------------------------------
+    def claim(self, me: Claimant) -> None:
+        """Takes the directory for this attempt before anything is written (kontinue.trainer.ownership):
+        raises InvalidInput for another spec's directory, Superseded when a newer attempt holds it."""
+        self.ownership = Ownership(self.remote or self.local, me)
+        self.ownership.claim(claimable=self.state() in (EMPTY, UNSTARTED), time=now())
+
+    def guard(self) -> None:
+        """Raises Superseded if a newer attempt has claimed the directory; call before writing to it.
+        A directory nobody claimed (a Predictor's path) is not fenced."""
+        if self.ownership is not None:
+            self.ownership.check()
+
+    def _superseded(self) -> str | None:
+        try:
+            self.guard()
+        except Superseded as stop:
+            return stop.message
+        return None
+
     # -- metadata ------------------------------------------------------------------------------
     def read_metadata(self) -> dict[str, Any] | None:
         return self._read_json(METADATA)
 
     def write_metadata(self, metadata: dict[str, Any]) -> None:
+        self.guard()
         self.local.write_text(METADATA, json.dumps(metadata, indent=2, default=str))
         self.publish(METADATA)
         if self.remote is not None:
@@ -86,6 +110,7 @@ class RunDirectory:
             if max_steps:
                 self.status["progress"] = round(min(1.0, step / max_steps), 4)
         self.status.update({k: v for k, v in fields.items() if v is not None}, updated=now())
+        self.guard()
         self.local.write_text(STATUS, json.dumps(self.status, indent=2, default=str))
         self.publish(STATUS)
         if self.report is not None:
@@ -105,10 +130,16 @@ class RunDirectory:
         """Writes last.ckpt (the previous one kept as previous.ckpt) here and remotely.
 
         Every process takes part (Lightning gathers the state), rank 0 writes the files, and all
-        wait for it so none runs ahead into the next collective.
+        wait for it so none runs ahead into the next collective. Rank 0's ownership check, made
+        once the checkpoint is serialized (the shortest window before the files are replaced), is
+        shared, so that a superseded attempt stops in every process.
         """
         scratch = self._scratch(LAST)
         trainer.save_checkpoint(scratch, weights_only=False)
+        superseded = trainer.strategy.broadcast(self._superseded() if trainer.is_global_zero else None, src=0)
+        if superseded:
+            scratch.unlink(missing_ok=True)
+            raise Superseded(superseded)
         if trainer.is_global_zero:
             try:
                 for store in filter(None, (self.local, self.remote)):
@@ -131,6 +162,7 @@ class RunDirectory:
         torch.save({"state_dict": module.state_dict(), "score": score, "step": trainer.global_step,
                     "metrics": dict(module.last_validation)}, scratch)
         try:
+            self.guard()
             self.local.adopt(BEST, scratch, checksum=True)
             self.publish(BEST, checksum=True)
         finally:
@@ -186,6 +218,7 @@ class RunDirectory:
 
     def drop_resume_points(self) -> None:
         """A finished run keeps model.ckpt only, as AutoMM does."""
+        self.guard()
         self.status.pop("lastCheckpoint", None)
         for store in filter(None, (self.local, self.remote)):
             for name in RESUME_POINTS:

@@ -1,8 +1,9 @@
 """Runs a TrainingRun or TransferRun spec to completion in one process: what `kontinue train`
 (in a pod) and `kontinue run` (on a workstation) share.
 
-Each call is one attempt: it resumes from the newest valid checkpoint in the run directory,
-and either finishes the run or stops at a safe resume point when asked to (exit code 75).
+Each call is one attempt: it claims the run directory (kontinue.trainer.ownership: another spec's
+directory is refused, a newer attempt's is left alone), resumes from the newest valid checkpoint in
+it, and either finishes the run or stops at a safe resume point when asked to (exit code 75).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from kontinue.api.families import family_of
 from kontinue.api.models import ModelSource, TrainingRun, TrainingRunSpec, TransferRun, TransferRunSpec
 from kontinue.api.reports import status_line
 from kontinue.storage import LocalStore, Store, open_store
-from kontinue.api.contract import PREEMPTED_EXIT_CODE, SUCCEEDED_EXIT_CODE
+from kontinue.api.contract import PREEMPTED_EXIT_CODE, SUCCEEDED_EXIT_CODE, SUPERSEDED_EXIT_CODE
 from kontinue.trainer.callbacks import Preempted
 from kontinue.trainer.data import read_table
+from kontinue.trainer.ownership import Claimant, Superseded
 from kontinue.trainer.predictor import Predictor
 from kontinue.trainer.rundir import (BEST, COMPLETED, METADATA, RESUMABLE, STATUS, RunDirectory,
                                      open_run_directory)
@@ -35,7 +37,7 @@ TERMINATION_LOG = "/dev/termination-log"
 class Outcome:
     """The attempt's last word; the operator reads it from the pod's termination message."""
 
-    result: str  # "succeeded" | "preempted"
+    result: str  # "succeeded" | "preempted" | "superseded" (a newer attempt holds the run directory)
     step: int | None = None
     run_dir: str = ""
     model: str | None = None
@@ -43,10 +45,12 @@ class Outcome:
     dump: str | None = None
     scores: dict[str, float] = field(default_factory=dict)
     test_scores: dict[str, float] = field(default_factory=dict)
+    message: str | None = None  # why a superseded attempt stopped
 
     @property
     def exit_code(self) -> int:
-        return SUCCEEDED_EXIT_CODE if self.result == "succeeded" else PREEMPTED_EXIT_CODE
+        return {"succeeded": SUCCEEDED_EXIT_CODE, "superseded": SUPERSEDED_EXIT_CODE}.get(self.result,
+                                                                                       PREEMPTED_EXIT_CODE)
 
 
 def write_termination_message(outcome: Outcome | str, path: str | None = None) -> None:
@@ -129,10 +133,25 @@ def _continues(spec: TrainingRunSpec | TransferRunSpec) -> bool:
 def run_training(run: TrainingRun | TransferRun, run_dir_uri: str, *, scratch: str | os.PathLike | None = None,
                  progress_bar: bool = False, report: Callable[[dict[str, Any]], None] | None = None) -> Outcome:
     """One attempt at `run`, in `run_dir_uri`; returns how it ended. `report` gets status.json
-    after every write."""
+    after every write. The run's uid and attempt number come from the trainer pod's environment
+    (RUN_UID_ENV, ATTEMPT_ENV); without them only the spec is checked against the directory."""
     scratch = Path(scratch or tempfile.mkdtemp(prefix="kontinue-"))
     run_dir = open_run_directory(run_dir_uri, scratch / "run")
     run_dir.report = report
+    try:
+        run_dir.claim(Claimant.of(run))
+        return _run_attempt(run, run_dir, run_dir_uri, scratch, progress_bar)
+    except Superseded as stop:
+        return _superseded(run_dir, stop.message)
+
+
+def _superseded(run_dir: RunDirectory, message: str) -> Outcome:
+    log.error("%s", message)
+    return Outcome(result="superseded", run_dir=run_dir.uri, step=run_dir.status.get("step"), message=message)
+
+
+def _run_attempt(run: TrainingRun | TransferRun, run_dir: RunDirectory, run_dir_uri: str, scratch: Path,
+             progress_bar: bool) -> Outcome:
     spec = run.spec
     state = run_dir.state()
     if state == COMPLETED:
@@ -152,9 +171,13 @@ def run_training(run: TrainingRun | TransferRun, run_dir_uri: str, *, scratch: s
                       column_types=spec.task.column_types or None,
                       hyperparameters=spec.effective_hyperparameters() if _continues(spec) else None)
     except Preempted as stop:
+        if run_dir.ownership is not None and run_dir.ownership.superseded:  # found while stopping
+            return _superseded(run_dir, run_dir.ownership.superseded)
         log.warning("stopped at step %d; the next attempt resumes there", stop.step)
         return _outcome(run_dir, "preempted", step=stop.step)
     test_scores = predictor.evaluate(read_table(spec.data.test)) if spec.data.test else {}
+    if spec.dump_model:
+        run_dir.guard()  # the dump writes into the run directory without passing through RunDirectory
     dump = predictor.dump_model() if spec.dump_model else None
     run_dir.update_status(testMetrics=test_scores or None)
     return _outcome(run_dir, "succeeded", test_scores=test_scores, dump=dump and run_dir.status.get("dumpedModel"))
