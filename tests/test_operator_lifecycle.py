@@ -213,7 +213,7 @@ def test_operator_killed_anywhere_the_run_ends_the_same(kube, kubelet, operator_
         assert status[columns[column].removeprefix(".status.")] == value, "what `kubectl get trainingruns` shows"
     assert trainer_status()["finalState"]["sha256"] == reference_state, json.dumps(trainer_status(), indent=1)
     assert transition_reasons(kube) == ["AttemptStarted", "Running", "Preempted"] * 2 + \
-        ["AttemptStarted", "Running", "Succeeded"], kube.dump()
+        ["AttemptStarted", "PodCreateFailed", "Running", "Succeeded"], kube.dump()
     assert_one_pod_at_a_time(kube, kubelet, "e2e", ["e2e-1", "e2e-2", "e2e-3"])
     assert any(s.get("phase") == "Running" and s.get("progress") not in (None, "100%")
                for s in run_history(kube, "e2e")), "status.progress is kept up to date while the pod runs"
