@@ -191,7 +191,7 @@ class ControlPlane:
                 process.terminate()
         for process in self.processes.values():
             try:
-                process.wait(15)
+                process.wait(5)  # a test cluster has nothing to drain; kube-apiserver waits ~15 s otherwise
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
