@@ -603,6 +603,28 @@ class Kubelet:
                     record.proc.wait(10)
                 self._pods.pop(record.uid)
 
+    def partition_node(self, name: str) -> None:
+        """The node drops off the network: nothing reports for it any more (as `lose_node`), but its
+        processes live on, frozen (SIGSTOP) until `thaw` lets them go on, still unseen by the API
+        server: a trainer that outlived its pod, as on a partitioned node."""
+        with self._lock:
+            self._lost.add(name)
+            for record in self._pods.values():
+                if record.node == name and record.alive:
+                    os.killpg(record.proc.pid, signal.SIGSTOP)
+
+    def thaw(self, name: str) -> None:
+        """The partitioned node's processes run again (the node still reports nothing)."""
+        with self._lock:
+            for record in self._pods.values():
+                if record.node == name and record.alive:
+                    os.killpg(record.proc.pid, signal.SIGCONT)
+
+    def exit_code(self, pod_name: str, namespace: str | None = None) -> int | None:
+        """The exit code of the latest process of that pod (None while it runs)."""
+        record = self._find(pod_name, namespace, live=False)
+        return None if record.proc is None else record.proc.poll()
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(10)
@@ -778,6 +800,8 @@ class Kubelet:
                 else:
                     self._sync(record, pod)
         for uid in set(self._pods) - seen:  # deleted for good by someone else: stop the process
+            if self._pods[uid].node in self._lost:
+                continue  # nobody on that node hears of it
             record = self._pods.pop(uid)
             if record.alive:
                 record.proc.send_signal(signal.SIGTERM)

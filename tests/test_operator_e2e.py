@@ -102,3 +102,32 @@ def test_preempted_by_the_scheduler_an_eviction_and_a_lost_node_the_run_finishes
     run_kubectl("wait", "--for=condition=Succeeded", "trainingrun/e2e", "-n", ns, "--timeout=10s", kubeconfig=kubeconfig)
     row = run_kubectl("get", "trainingrun", "e2e", "-n", ns, "--no-headers", kubeconfig=kubeconfig).stdout.split()
     assert row[:4] == ["e2e", "Succeeded", "100%", "3"], row
+
+
+def test_a_trainer_left_on_a_partitioned_node_cannot_overwrite_the_next_attempt(
+        kube, kubelet, operator_process, s3_run, reference_state):
+    """Fencing: the node of attempt 1 drops off the network with its trainer alive. The operator
+    moves the run to another node (NodeLost); when the old trainer runs on, its next write finds
+    the run directory claimed by attempt 2 and it stops without writing. The run ends as if
+    nothing happened."""
+    manifest, trainer_status = s3_run
+    kubelet.add_node()  # a zone whose every node is down gets no evictions
+    operator_process.start(*OPERATOR_ARGS, "--node-lost-seconds", "2", "--grace-seconds", "5")
+    kube.create(manifest)
+    kube.wait_for(lambda: (trainer_status().get("lastCheckpoint") or {}).get("step", -1) >= 1
+                  and run_status(kube).get("phase") == "Running", 180, "attempt 1's first resume point")
+    first = kube.get("pods", kube.namespace, "e2e-1")
+    kubelet.partition_node(first["spec"]["nodeName"])
+
+    kube.wait_for(lambda: run_status(kube).get("currentPod") == "e2e-2" and run_status(kube).get("phase") == "Running",
+                  120, "attempt 2 to run on the other node")
+    kube.wait_for(lambda: len(trainer_status().get("attempts") or []) >= 2, 120, "attempt 2 to claim the directory")
+    kubelet.thaw(first["spec"]["nodeName"])  # the old trainer goes on, its node still unreachable
+    kube.wait_for(lambda: kubelet.exit_code("e2e-1") is not None, 120, "the old trainer to stop")
+    assert kubelet.exit_code("e2e-1") == 75 and "superseded" in kubelet.logs("e2e-1"), kubelet.logs("e2e-1")[-2000:]
+
+    kube.wait_for(lambda: run_status(kube).get("phase") in ("Succeeded", "Failed"), 300, "the run to finish")
+    status = run_status(kube)
+    assert (status["phase"], status["preemptions"], status.get("failures", 0)) == ("Succeeded", 1, 0), status
+    assert trainer_status()["finalState"]["sha256"] == reference_state
+    assert "NodeLost" in transition_reasons(kube)
