@@ -240,8 +240,8 @@ def test_a_started_run_refuses_a_change_of_each_immutable_field_naming_it(kind, 
     new = with_status(changed(BASES[kind], edit), attempt=1, phase="Running")
     parse_resource(new)  # a valid spec: only the transition refuses it
     assert update_refusals(old, new) == [refused_field(field)]
-    assert spec_digest(parse_resource(old).spec.model_dump(mode="json", by_alias=True, exclude_none=True)) != \
-        spec_digest(parse_resource(new).spec.model_dump(mode="json", by_alias=True, exclude_none=True)), \
+    assert spec_digest(parse_resource(old).spec) != \
+        spec_digest(parse_resource(new).spec), \
         "the operator sees the same change"
     for status in ({}, {"attempt": 0, "phase": "Pending"}):  # not started yet: anything may change
         old, new = with_status(BASES[kind], **status), with_status(changed(BASES[kind], edit), **status)

@@ -453,10 +453,11 @@ def condition(plan, kind: str) -> dict:
 def test_the_first_attempt_pins_the_digest_of_the_immutable_fields():
     body = run_body(hyperparameters={"optim.lr": 0.1}, seed=3)
     plan = decide(body, [], NOW, SETTINGS)
-    spec = parse_training_run(body).spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    spec = parse_training_run(body).spec
     assert plan.status["specDigest"] == spec_digest(spec)
+    # what the spec sets (resources.gpus is left at its default: as good as absent)
     assert set(plan.status["specFieldDigests"]) == {"task", "data", "model", "hyperparameters", "seed",
-                                                    "resources.gpus", "checkpoint.storage"}
+                                                    "checkpoint.storage"}
     body = apply(body, plan)
     body["status"].update(currentPod=None, phase="Preempted")  # attempt 2 keeps the first attempt's digest
     assert "specDigest" not in decide(body, [], NOW, SETTINGS).status
@@ -662,3 +663,12 @@ def test_a_pod_left_terminating_on_a_lost_node_is_deleted_for_good_then_counted_
     assert [(e[0], e[1]) for e in plan.events] == [("Warning", "NodeLost")] and "21s" in plan.events[0][2]
     gone = decide(apply(body, plan), [], NOW + dt.timedelta(seconds=22), settings, last_seen=stranded)
     assert gone.status["preemptions"] == 1 and gone.verdict.reason == "DeletionByTaintManager"
+
+
+def test_the_spec_digest_counts_what_was_set_not_how_defaults_were_written():
+    from kontinue.api.identity import canonical
+
+    explicit = parse_training_run(run_body(seed=0, resources={"gpus": 0}, maxPreemptions=2)).spec
+    implicit = parse_training_run(run_body()).spec
+    assert canonical(explicit) == canonical(implicit) and spec_digest(explicit) == spec_digest(implicit)
+    assert spec_digest(parse_training_run(run_body(seed=1)).spec) != spec_digest(implicit)

@@ -8,10 +8,19 @@ import hashlib
 import json
 from typing import Any
 
+from pydantic import BaseModel
+
 # spec fields whose change would silently change the result of a run that already started;
 # the others (maxPreemptions, backoffLimit, deleteRunDirectory, ...) may change at any time.
 IMMUTABLE_FIELDS = ("task", "data", "model", "hyperparameters", "seed", "resources.gpus",
                     "continueFrom", "source", "backbones", "checkpoint.storage", "timeLimit")
+
+
+def canonical(spec: BaseModel) -> dict[str, Any]:
+    """A parsed spec as the digest sees it: what the user set, defaults and nulls left out, so that
+    writing a default or leaving it out, or a later version adding a field with a default, gives
+    the same digest (a started run is never refused its own directory after an upgrade)."""
+    return spec.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_defaults=True)
 
 
 def _at(spec: dict[str, Any], dotted: str) -> Any:
@@ -27,9 +36,9 @@ def immutable_part(spec: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name in IMMUTABLE_FIELDS if (value := _at(spec, name)) is not None}
 
 
-def spec_digest(spec: dict[str, Any]) -> str:
-    """sha256 over the immutable fields, stable across key order. Pass the parsed spec as the
-    trainer sees it (`spec.model_dump(mode="json", by_alias=True, exclude_none=True)`), so that
-    defaults written or left out give the same digest."""
+def spec_digest(spec: BaseModel | dict[str, Any]) -> str:
+    """sha256 over the immutable fields of a parsed spec (or of its `canonical` form), stable
+    across key order."""
+    spec = canonical(spec) if isinstance(spec, BaseModel) else spec
     text = json.dumps(immutable_part(spec), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()

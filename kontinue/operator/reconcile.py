@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
-from kontinue.api.identity import immutable_part, spec_digest
+from kontinue.api.identity import canonical, immutable_part, spec_digest
 from kontinue.api.manifests import Problem, SpecError, describe, parse_resource
 from kontinue.api.reports import MAX_WARNINGS
 from kontinue.operator.pods import build_cleanup_pod, build_trainer_pod, pod_name, pod_problems
@@ -137,7 +137,7 @@ def decide(body: dict[str, Any], pods: list[dict[str, Any]], now: dt.datetime, s
         return _give_up(plan, status, pods, now, IMAGE_NOT_ALLOWED, (
             f"spec.image {run.spec.image} is not allowed: this operator runs only images matching "
             f"{', '.join(settings.image_patterns())} (its --allowed-images)"))
-    spec = run.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    spec = canonical(run.spec)
     if plan.attempt and status.get("specDigest") and spec_digest(spec) != status["specDigest"]:
         return _give_up(plan, status, pods, now, SPEC_CHANGED, _spec_changed(spec, status))
     if plan.attempt and not status.get("specDigest"):  # started by an operator that kept no digest
@@ -241,7 +241,7 @@ def _field_digest(value: Any) -> str:
 def spec_identity(spec: dict[str, Any]) -> dict[str, Any]:
     """Status fields that pin a started run to its spec: the digest of its immutable fields
     (kontinue.api.identity, as the trainer computes it) and a short digest per field, which
-    names the fields when they change. `spec` is the parsed spec dumped as the resource has it."""
+    names the fields when they change. `spec` is the parsed spec's `canonical` form."""
     return {"specDigest": spec_digest(spec),
             "specFieldDigests": {name: _field_digest(value) for name, value in immutable_part(spec).items()}}
 
@@ -298,7 +298,7 @@ def _start_attempt(plan: Plan, body, run, status, by_name, now, settings) -> Pla
     name = pod_name(run.metadata.name, attempt)
     plan.status.update(attempt=attempt, currentPod=name, podUid=None, podGoneTime=None, nextAttemptTime=None)
     if not status.get("specDigest"):  # the first attempt: from now on the spec's immutable fields are fixed
-        plan.status.update(spec_identity(run.spec.model_dump(mode="json", by_alias=True, exclude_none=True)))
+        plan.status.update(spec_identity(canonical(run.spec)))
     if not status.get("startTime"):
         plan.status["startTime"] = timestamp(now)
     resuming = f"resuming from {status['lastCheckpoint']['uri']} (step {status['lastCheckpoint'].get('step')})" \

@@ -101,7 +101,7 @@ class Claimant:
                 attempt = int(attempt)
             except ValueError:
                 raise InvalidInput(ATTEMPT_ENV, f"must be a whole number, not {attempt!r}") from None
-        digest = spec_digest(run.spec.model_dump(mode="json", by_alias=True, exclude_none=True))
+        digest = spec_digest(run.spec)
         name = f"{type(run).__name__} {run.metadata.namespace or 'default'}/{run.metadata.name}"
         return cls(uid=environ.get(RUN_UID_ENV) or None, digest=digest, attempt=attempt, run=name)
 
