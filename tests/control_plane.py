@@ -30,7 +30,10 @@ import yaml
 ASSETS_ENV = "KUBEBUILDER_ASSETS"
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 VERSION = "1.36.2"
-ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "envtest" / f"kube-{VERSION}-envtest-linux-amd64.tar.xz"
+ARCHIVE_NAME = f"kube-{VERSION}-envtest-linux-amd64.tar.xz"
+# ../shared/envtest beside the checkout (or beside any folder above it), or where the variable says
+ARCHIVES = [Path(os.environ["KONTINUE_ENVTEST_ARCHIVE"])] if os.environ.get("KONTINUE_ENVTEST_ARCHIVE") else [
+    folder / "shared" / "envtest" / ARCHIVE_NAME for folder in Path(__file__).resolve().parents[1:]]
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kontinue" / "envtest" / VERSION
 SHA256 = {
     "etcd": "83132c8ce953edef48a50b419a5bf0bfd732f7b4527dd60ce0bfef646b3dd380",
@@ -40,7 +43,7 @@ SHA256 = {
 }
 HOW_TO_GET_THEM = (
     f"set {ASSETS_ENV} to a directory holding {', '.join(BINARIES)} v{VERSION}: `make test` unpacks "
-    f"{ARCHIVE.name} from ../shared/envtest into {CACHE}; elsewhere `setup-envtest use 1.36.x` gives "
+    f"{ARCHIVE_NAME} from ../shared/envtest (or KONTINUE_ENVTEST_ARCHIVE) into {CACHE}; elsewhere `setup-envtest use 1.36.x` gives "
     "etcd and kube-apiserver, and a Kubernetes v1.36 server release the controller manager and scheduler")
 ADMIN_TOKEN = "kontinue-tests-admin"  # system:masters, on loopback only
 # Controllers a test cluster needs (no kubelet, no cloud): owners collect their pods, namespaces go,
@@ -54,10 +57,21 @@ CONTROLLERS = ("garbage-collector-controller", "namespace-controller", "servicea
 NODE_MONITOR_GRACE_SECONDS = 8  # a node whose Lease is this old is NotReady (default 50 s)
 
 
-def unpack(archive: Path = ARCHIVE, into: Path = CACHE) -> Path:
+def cached(into: Path = CACHE) -> bool:
+    return all(_sha256(into / name) == digest for name, digest in SHA256.items())
+
+
+def find_archive() -> Path | None:
+    return next((path for path in ARCHIVES if path.exists()), None)
+
+
+def unpack(archive: Path | None = None, into: Path = CACHE) -> Path:
     """Unpack the envtest archive once (checked against the README's sha256); returns the directory."""
-    if all(_sha256(into / name) == digest for name, digest in SHA256.items()):
+    if cached(into):
         return into
+    archive = archive or find_archive()
+    if archive is None:
+        raise FileNotFoundError(f"no {ARCHIVE_NAME} found: {HOW_TO_GET_THEM}")
     partial = into.with_name(into.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -211,7 +225,7 @@ if __name__ == "__main__":
     # `python -m tests.control_plane unpack`: prints the directory for KUBEBUILDER_ASSETS.
     if sys.argv[1:] != ["unpack"]:
         sys.exit("usage: python -m tests.control_plane unpack")
-    if not ARCHIVE.exists():  # the cluster tests then skip, saying how to get the binaries
-        print(f"no {ARCHIVE}: {HOW_TO_GET_THEM}", file=sys.stderr)
-    else:
+    try:
         print(unpack())
+    except FileNotFoundError as missing:  # the cluster tests then skip, saying how to get the binaries
+        print(missing, file=sys.stderr)
