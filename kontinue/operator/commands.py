@@ -5,9 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 log = logging.getLogger("kontinue.operator")
 WORKERS = 16  # kopf's threads for the (synchronous) handlers
+# The API server stores objects nested up to 10,000 levels deep (spec.hyperparameters is free-form,
+# so no schema bounds it), while Python's json gives up at the recursion limit (1,000 by default):
+# kopf's watch stream would die on one such run and take the operator, and every run, with it.
+API_SERVER_MAX_DEPTH = 10_000
+RECURSION_LIMIT = 4 * API_SERVER_MAX_DEPTH  # a few frames per level (decoding, copying, validating)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -58,6 +64,7 @@ def _operator(args: argparse.Namespace) -> int:
     from kontinue.operator.reconcile import Settings, parse_allowed_images
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
     try:
         kube_config.load_incluster_config()
     except kube_config.ConfigException:

@@ -22,8 +22,8 @@ from kontinue.api.reports import last_status
 from kontinue.operator import metrics
 from kontinue.operator.pods import ATTEMPT_LABEL, CONTAINER, RUN_LABEL, cleanup_pod_name, run_label
 from kontinue.operator.reconcile import (PENDING_PHASE, RUNNING_PHASE, TERMINAL_PHASES, Peers, Plan, Settings,
-                                         cleanup_pod, decide, finite_status, refused_pod, reported_status, timestamp,
-                                         undeclared_status_fields)
+                                         cleanup_pod, decide, finite_status, refused_pod, reported_status,
+                                         split_pods, timestamp, undeclared_status_fields)
 from kontinue.operator.verdicts import RUNNING, termination_message
 
 GROUP, VERSION = "kontinue.dev", "v1alpha1"
@@ -80,15 +80,19 @@ def _get_run(plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         raise
 
 
-def _pods_of(run: dict[str, Any]) -> list[dict[str, Any]]:
-    """The run's trainer pods: labelled with it and owned by this very object (not a namesake's)."""
-    namespace, name, uid = run["metadata"]["namespace"], run["metadata"]["name"], run["metadata"]["uid"]
+def _labelled_pods(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """Trainer pods labelled with the run's name, whoever owns them (split_pods tells)."""
+    namespace, name = run["metadata"]["namespace"], run["metadata"]["name"]
     listing = RUNTIME.api.sanitize_for_serialization(
         RUNTIME.core.list_namespaced_pod(namespace, label_selector=f"{RUN_LABEL}={run_label(name)}"))
     return [pod for pod in listing.get("items", [])
             if pod["metadata"].get("labels", {}).get(RUN_LABEL) == run_label(name)
-            and ATTEMPT_LABEL in pod["metadata"]["labels"]
-            and any(ref.get("uid") == uid for ref in pod["metadata"].get("ownerReferences") or [])]
+            and ATTEMPT_LABEL in pod["metadata"]["labels"]]
+
+
+def _pods_of(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run's trainer pods: labelled with it and owned by this very object (not a namesake's)."""
+    return split_pods(run, _labelled_pods(run))[0]
 
 
 def _event_name(run: dict[str, Any], attempt: int, reason: str, message: str) -> str:
@@ -225,8 +229,10 @@ def _reconcile_once(key: tuple[str, str, str], refresh: bool, last_seen: dict[st
     before = run.get("status") or {}
     started_or_over = before.get("attempt") or before.get("phase") in TERMINAL_PHASES
     peers = Peers() if started_or_over else _peers(run)  # they matter only before the first attempt
-    pods = _pods_of(run)
-    plan = decide(run, pods, now, RUNTIME.settings, last_seen, peers)
+    pods, earlier = split_pods(run, _labelled_pods(run))
+    if last_seen is not None and not split_pods(run, [last_seen])[0]:
+        last_seen = None  # the last state of an earlier namesake's pod: never this run's to judge
+    plan = decide(run, pods, now, RUNTIME.settings, last_seen, peers, earlier)
     if refresh and plan.verdict is not None and plan.verdict.outcome == RUNNING:
         plan.status.update(reported_status(_trainer_report(run), {**before, **plan.status}))
     plan.status = finite_status(plan.status, before)  # NaN or inf anywhere: the API server refuses the write

@@ -24,6 +24,9 @@ SECRET_KEYS = {"endpoint": "KONTINUE_S3_ENDPOINT", "accessKey": "KONTINUE_S3_ACC
                "secure": "KONTINUE_S3_SECURE"}
 OPTIONAL_SECRET_KEYS = {"region", "secure"}
 NON_ROOT_UID = 1000
+# Names made from a run's own: its pods (<name>-<attempt>, <name>-cleanup) and its events
+# (<name>.<16 hex digits>, kontinue.operator.handlers); Kubernetes takes at most 253 characters.
+MAX_RUN_NAME = 253 - len(".") - 16
 
 
 def pod_name(run_name: str, attempt: int) -> str:
@@ -209,8 +212,13 @@ def _volume_holding(path: str, volumes: list[VolumeSpec]) -> VolumeSpec | None:
 
 def pod_problems(run: TrainingRun | TransferRun) -> list[Problem]:
     """What cannot work inside a trainer pod, which sees no files but its volumes: file paths in
-    spec.checkpoint.storage (on no writable volume) and spec.data (on no volume)."""
+    spec.checkpoint.storage (on no writable volume) and spec.data (on no volume); and a run name
+    too long for the names of its pods and events."""
     spec, problems = run.spec, []
+    if len(run.metadata.name) > MAX_RUN_NAME:
+        problems.append(Problem("metadata.name", (
+            f"{len(run.metadata.name)} characters: at most {MAX_RUN_NAME}, so that the names of the run's pods "
+            "(<name>-<attempt>) and events (<name>.<hash>) stay within Kubernetes' 253")))
     storage = _file_path(spec.checkpoint.storage)
     if storage is not None:
         volume = _volume_holding(storage, spec.volumes)

@@ -67,6 +67,7 @@ class Peers:
 
 
 WAIT_FOR_SOURCE_SECONDS = 30.0  # a source's success also wakes its TransferRuns at once
+WAIT_FOR_EARLIER_POD_SECONDS = 2.0  # the old pod's deletion also wakes the run at once
 
 
 @dataclass
@@ -112,11 +113,25 @@ def _phase_change(plan: Plan, status: dict[str, Any], now: dt.datetime, phase: s
                        conditions=set_conditions(status.get("conditions") or [], now, **conditions))
 
 
+def split_pods(body: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Pods labelled with a run's name: (those this very object owns, the others). The others are
+    an earlier run's of the same name (deleted and created again while its pods still stop), or
+    orphans: never this run's to judge, and its trainer must not start beside them."""
+    uid = body["metadata"].get("uid")
+    own, others = [], []
+    for pod in pods:
+        owners = {ref.get("uid") for ref in pod["metadata"].get("ownerReferences") or []}
+        (own if uid in owners else others).append(pod)
+    return own, others
+
+
 def decide(body: dict[str, Any], pods: list[dict[str, Any]], now: dt.datetime, settings: Settings,
-           last_seen: dict[str, Any] | None = None, peers: Peers = Peers()) -> Plan:
+           last_seen: dict[str, Any] | None = None, peers: Peers = Peers(),
+           earlier: list[dict[str, Any]] | None = None) -> Plan:
     """The next step for one TrainingRun or TransferRun given all pods labelled as its own, the
     last state of a pod of its that was just deleted (from the DELETED event), if that is what
-    woke us, and, before its first attempt, the runs it depends on."""
+    woke us, before its first attempt the runs it depends on, and the pods labelled with its name
+    that it does not own (`split_pods`): no attempt starts while one of them is there."""
     status = body.get("status") or {}
     plan = Plan(attempt=int(status.get("attempt") or 0))
     try:
@@ -162,7 +177,7 @@ def decide(body: dict[str, Any], pods: list[dict[str, Any]], now: dt.datetime, s
     if current is None:
         if not plan.attempt and not _source_ready(plan, run, status, peers, now):
             return plan
-        return _start_attempt(plan, body, run, status, by_name, now, settings)
+        return _start_attempt(plan, body, run, status, by_name, now, settings, earlier)
     pod = by_name.get(current)
     if last_seen is not None and last_seen["metadata"].get("name") != current:
         last_seen = None
@@ -198,7 +213,7 @@ def decide(body: dict[str, Any], pods: list[dict[str, Any]], now: dt.datetime, s
         plan.delete.append(current)  # the next attempt starts only once this pod is gone
     elif pod is None and plan.status.get("phase") not in TERMINAL_PHASES and not plan.status.get("nextAttemptTime"):
         others = {name: other for name, other in by_name.items() if name != current}
-        _start_attempt(plan, body, run, {**status, **plan.status}, others, now, settings)
+        _start_attempt(plan, body, run, {**status, **plan.status}, others, now, settings, earlier)
     return plan
 
 
@@ -284,7 +299,7 @@ def _source_ready(plan: Plan, run, status, peers: Peers, now: dt.datetime) -> bo
     return False
 
 
-def _start_attempt(plan: Plan, body, run, status, by_name, now, settings) -> Plan:
+def _start_attempt(plan: Plan, body, run, status, by_name, now, settings, earlier=None) -> Plan:
     retry_at = status.get("nextAttemptTime")
     if retry_at:
         wait = (parse_time(retry_at) - now).total_seconds()
@@ -294,6 +309,8 @@ def _start_attempt(plan: Plan, body, run, status, by_name, now, settings) -> Pla
     if by_name:  # never two trainer pods writing one run directory
         plan.requeue(1.0)
         return plan
+    if earlier:  # nor an earlier run's of that name (deleted, created again) still stopping
+        return _wait_for_earlier_pods(plan, run, status, earlier, now)
     attempt = plan.attempt = int(status.get("attempt") or 0) + 1
     name = pod_name(run.metadata.name, attempt)
     plan.status.update(attempt=attempt, currentPod=name, podUid=None, podGoneTime=None, nextAttemptTime=None)
@@ -308,6 +325,22 @@ def _start_attempt(plan: Plan, body, run, status, by_name, now, settings) -> Pla
     plan.create = build_trainer_pod(body, run, attempt, image=settings.image, grace_seconds=settings.grace_seconds,
                                     node_lost_seconds=settings.node_lost_seconds)
     plan.event("Normal", "AttemptStarted", f"attempt {attempt}: created pod {name}, {resuming}")
+    return plan
+
+
+def _wait_for_earlier_pods(plan: Plan, run, status, earlier: list[dict[str, Any]], now: dt.datetime) -> Plan:
+    """Pods labelled with the run's name that another object owns (or none): an earlier run of that
+    name was deleted and this one created while they still stop (a trainer saving a resume point
+    into the same run directory). The run waits, saying for which pod; their deletion wakes it."""
+    names = sorted(pod["metadata"]["name"] for pod in earlier)
+    stopping = all(pod["metadata"].get("deletionTimestamp") for pod in earlier)
+    pods, verb, them = ("pod", "is", "it") if len(names) == 1 else ("pods", "are", "them")
+    message = (f"waiting to start: {pods} {', '.join(names)} of an earlier run named {run.metadata.name} {verb} "
+               + ("still stopping" if stopping else f"still there (delete {them} if nothing will)")
+               + "; two trainers must never write one run directory")
+    if status.get("message") != message:
+        _phase_change(plan, status, now, PENDING_PHASE, message, Running=("False", "WaitingForEarlierPod", message))
+    plan.requeue(WAIT_FOR_EARLIER_POD_SECONDS)
     return plan
 
 
