@@ -45,7 +45,7 @@ def test_preempted_by_the_scheduler_an_eviction_and_a_lost_node_the_run_finishes
     manifest["spec"]["resources"] = {"gpus": 1, "priorityClassName": priority_classes["low"]}
     ns = kube.namespace
     kube.patch("nodes", None, kubelet.node_name, {"spec": {"unschedulable": True}})  # no GPU work there
-    gpu_nodes = [kubelet.add_node(gpus=1), kubelet.add_node(gpus=1)]
+    kubelet.add_node(gpus=1)  # the one GPU there is, until step 2 adds another node
     operator_process.start(*OPERATOR_ARGS, "--node-lost-seconds", "2")
     kube.create(manifest)
 
@@ -59,8 +59,6 @@ def test_preempted_by_the_scheduler_an_eviction_and_a_lost_node_the_run_finishes
 
     # 1. The scheduler: the trainer holds the only schedulable GPU; an urgent pod takes it.
     victim = current_pod(random.randint(1, 4))
-    other = next(node for node in gpu_nodes if node != victim["spec"]["nodeName"])
-    kube.patch("nodes", None, other, {"spec": {"unschedulable": True}})
     kube.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "urgent"}, "spec": {
         "priorityClassName": priority_classes["high"], "restartPolicy": "Never",
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
@@ -69,7 +67,7 @@ def test_preempted_by_the_scheduler_an_eviction_and_a_lost_node_the_run_finishes
                         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}]}})
     kubelet.wait_gone(victim["metadata"]["name"], uid=victim["metadata"]["uid"], timeout=90)
     kube.wait_for_object("pods", ns, "urgent", lambda p: p["status"].get("phase") == "Succeeded", 60)
-    kube.patch("nodes", None, other, {"spec": {"unschedulable": False}})
+    kubelet.add_node(gpus=1)  # (a cordon right before the urgent pod can reach the scheduler too late)
 
     # 2. The Eviction API, as `kubectl drain` uses it.
     evicted = current_pod(next_step())
