@@ -8,7 +8,6 @@ import hashlib
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -114,34 +113,28 @@ def pod(workdir: Path, uid: str, attempt: int, **environ: str) -> Trainer:
     return Trainer(workdir, {RUN_UID_ENV: uid, ATTEMPT_ENV: str(attempt), **environ})
 
 
-def start(harness: Trainer, manifest: dict, run_dir: str) -> tuple[subprocess.Popen, Path]:
-    """`harness.attempt`'s process, without waiting for it (it is to be stopped and continued)."""
-    log = harness.workdir / f"attempt-{time.monotonic_ns()}.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "kontinue", "train", "--spec", str(harness.write(manifest)), "--run-dir", run_dir,
-             "--scratch", str(harness.workdir / "scratch")],
-            stdout=out, stderr=subprocess.STDOUT, env=harness.environ)
-    return process, log
-
-
-def between_writes(local_dir: Path, status) -> bool:
+def between_writes(local_dir: Path, status, pointer, checkpoints) -> bool:
     """Whether a stopped trainer is between two writes (not past an ownership check with a write
-    still to finish): no checkpoint half-written in its working directory `local_dir`, its newest
-    resume point recorded in status.json, and that status.json the run directory's (`status()`)."""
-    if any(path.name.endswith(".tmp") for path in local_dir.glob(".*")):
+    still to finish): no file half-written in its working directory `local_dir`, the run
+    directory's resume points (`checkpoints()`, keys) exactly those its last.json (`pointer()`)
+    names (none being deleted), the newest recorded in status.json, and that status.json the run
+    directory's (`status()`). (A small resume point being sent in one PUT leaves no trace until it
+    lands; the caller retries at another moment when this says no, and such moments are short.)"""
+    if any(path.name.endswith(".tmp") for path in local_dir.rglob(".*")):
         return False
-    local, sidecar = read_json(local_dir / "status.json"), local_dir / "last.ckpt.sha256"
+    local, points = read_json(local_dir / "status.json"), pointer().get("points") or [{}]
     recorded = local.get("lastCheckpoint", {}).get("sha256")
-    return sidecar.exists() and sidecar.read_text().strip() == recorded and status() == local
+    return (recorded is not None and points[0].get("sha256") == recorded and status() == local
+            and checkpoints() == {point.get("key") for point in points})
 
 
-def frozen_after_step_3(harness: Trainer, manifest: dict, run_dir: str, status,
+def frozen_after_step_3(harness: Trainer, manifest: dict, run_dir: str, status, pointer, checkpoints,
                         local_dir: Path) -> tuple[subprocess.Popen, Path]:
     """An attempt stopped with SIGSTOP (a partitioned node) between two writes, once `status()`
     (the run directory's status.json) records a resume point at step 3 or later: it still holds
     its state and will go on. `local_dir`: where it trains (the run directory, or its scratch copy)."""
-    process, log = start(harness, manifest, run_dir)
+    running = harness.start(manifest, run_dir)
+    process, log = running.popen, running.log
     deadline = time.monotonic() + 300
     while True:
         while process.poll() is None and status().get("lastCheckpoint", {}).get("step", -1) < 3:
@@ -149,7 +142,7 @@ def frozen_after_step_3(harness: Trainer, manifest: dict, run_dir: str, status,
             time.sleep(0.02)
         assert process.poll() is None, log.read_text()[-3000:]
         process.send_signal(signal.SIGSTOP)
-        if between_writes(local_dir, status):
+        if between_writes(local_dir, status, pointer, checkpoints):
             return process, log
         process.send_signal(signal.SIGCONT)
         assert time.monotonic() < deadline, "never found between two writes"
@@ -175,7 +168,10 @@ def test_a_re_created_run_continues_only_its_own_spec_and_fences_the_old_pod(ref
     manifest, reference_dir = reference
     run_dir = tmp_path / "store" / "tests" / "exact"
     status = lambda: read_json(run_dir / "status.json")  # noqa: E731
-    process, log = frozen_after_step_3(pod(tmp_path / "node-1", UID_A, 1), manifest, str(run_dir), status, run_dir)
+    pointer = lambda: read_json(run_dir / "last.json")  # noqa: E731
+    checkpoints = lambda: {p.relative_to(run_dir).as_posix() for p in run_dir.glob("checkpoints/*.ckpt")}  # noqa: E731
+    process, log = frozen_after_step_3(pod(tmp_path / "node-1", UID_A, 1), manifest, str(run_dir), status,
+                                       pointer, checkpoints, run_dir)
     try:
         before = files(run_dir)
         other = json.loads(json.dumps(manifest))
@@ -208,17 +204,25 @@ def test_a_stale_attempt_never_overwrites_a_newer_one_in_s3(reference, tmp_path,
     client = s3_server.client()
     prefix, run_dir = "store/tests/exact/", f"s3://{bucket}/store/tests/exact"
 
-    def status() -> dict:
+    def read(name: str) -> dict:
         try:
-            return json.loads(client.get_object(bucket, prefix + "status.json").read())
+            return json.loads(client.get_object(bucket, prefix + name).read())
         except Exception:  # not there yet
             return {}
+
+    def status() -> dict:
+        return read("status.json")
+
+    def checkpoints() -> set[str]:
+        return {o.object_name[len(prefix):] for o in client.list_objects(bucket, prefix + "checkpoints/")
+                if o.object_name.endswith(".ckpt")}
 
     def snapshot() -> dict[str, str]:
         return {o.object_name: o.etag for o in client.list_objects(bucket, prefix, recursive=True)}
 
     process, log = frozen_after_step_3(pod(tmp_path / "node-1", UID_A, 1, **s3_server.environ), manifest, run_dir,
-                                       status, tmp_path / "node-1" / "scratch" / "run")
+                                       status, lambda: read("last.json"), checkpoints,
+                                       tmp_path / "node-1" / "scratch" / "run")
     try:
         frozen_at = status()["lastCheckpoint"]["step"]
         second = pod(tmp_path / "node-2", UID_A, 2, **s3_server.environ).attempt(

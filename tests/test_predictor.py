@@ -25,6 +25,7 @@ import torch
 
 from kontinue.trainer.callbacks import PREEMPTED_EXIT_CODE, Preempted
 from kontinue.trainer.predictor import Predictor
+from tests.trainer_fixtures import has_no_resume_points, resume_points
 
 REPO = Path(__file__).resolve().parents[1]
 BINARY_METRICS = {"accuracy", "f1", "roc_auc", "log_loss"}
@@ -225,7 +226,7 @@ def assert_same_as(path: Path, reference: Predictor) -> dict:
     assert status["phase"] == "Succeeded"
     assert status["finalState"] == expected["finalState"], "the resumed run did not end bit-identical"
     assert status["metrics"] == expected["metrics"]
-    assert not (path / "last.ckpt").exists() and not (path / "previous.ckpt").exists()
+    assert has_no_resume_points(path)
     return status
 
 
@@ -240,7 +241,7 @@ def test_use_case_2_sigterm_then_load_resume_true_and_fit_finishes_exactly(
     assert status["phase"] == "Preempted"
     assert status["lastCheckpoint"]["step"] == stop.value.step < read_json(
         Path(uninterrupted.path) / "status.json")["finalState"]["step"]
-    assert (path / "last.ckpt").exists() and not (path / "model.ckpt").exists()
+    assert resume_points(path)[0]["step"] == stop.value.step and not (path / "model.ckpt").exists()
 
     # an unfinished fit has no model to load, only a fit to continue
     with pytest.raises(FileNotFoundError, match=r"no model\.ckpt yet; use resume=True"):
@@ -448,17 +449,21 @@ def best_model_state(checkpoint: dict) -> dict:
 
 
 def test_checkpoints_load_with_weights_only(tmp_path, reviews, validating_hp):
-    """model.ckpt, last.ckpt and previous.ckpt load with torch.load(weights_only=True): no arbitrary unpickling."""
+    """model.ckpt and both resume points load with torch.load(weights_only=True): no arbitrary unpickling."""
     path = tmp_path / "run"
     stop = stopped_after_a_validation(path, reviews[:160], validating_hp)
     status = read_json(path / "status.json")
 
-    last = torch.load(path / "last.ckpt", map_location="cpu", weights_only=True)
+    newest, predecessor = resume_points(path)
+    last = torch.load(path / newest["key"], map_location="cpu", weights_only=True)
     assert {"state_dict", "optimizer_states", "lr_schedulers", "global_step", "loops", "callbacks"} <= set(last)
-    assert last["global_step"] == status["lastCheckpoint"]["step"] == stop.step
-    assert sha256(path / "last.ckpt") == status["lastCheckpoint"]["sha256"]
-    previous = torch.load(path / "previous.ckpt", map_location="cpu", weights_only=True)
-    assert previous["global_step"] < last["global_step"]
+    assert last["global_step"] == newest["step"] == status["lastCheckpoint"]["step"] == stop.step
+    assert sha256(path / newest["key"]) == newest["sha256"] == status["lastCheckpoint"]["sha256"]
+    assert (path / f"{newest['key']}.sha256").read_text().strip() == newest["sha256"]
+    previous = torch.load(path / predecessor["key"], map_location="cpu", weights_only=True)
+    assert previous["global_step"] == predecessor["step"] < last["global_step"]
+    assert sorted(p.name for p in (path / "checkpoints").iterdir()) == sorted(
+        name for point in (newest, predecessor) for name in (Path(point["key"]).name, Path(point["key"]).name + ".sha256"))
     best = torch.load(path / "model.ckpt", map_location="cpu", weights_only=True)
     assert set(best) == {"state_dict", "score", "step", "metrics"}
     assert best["step"] == status["bestCheckpoint"]["step"] and best["score"] == status["bestCheckpoint"]["score"]
@@ -468,7 +473,7 @@ def test_checkpoints_load_with_weights_only(tmp_path, reviews, validating_hp):
 
     # Lightning and transformers allow-list classes for weights_only loading once imported; a bare
     # torch process has only torch's defaults, so this proves the files need nothing else
-    names = ("last.ckpt", "previous.ckpt", "model.ckpt")
+    names = (newest["key"], predecessor["key"], "model.ckpt")
     bare = subprocess.run([sys.executable, "-c", "import sys, torch\nfor name in sys.argv[1:]: "
                            "torch.load(name, map_location='cpu', weights_only=True)", *names],
                           cwd=path, capture_output=True, text=True, timeout=120)

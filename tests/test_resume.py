@@ -79,7 +79,8 @@ def test_preempted_three_times_ends_bit_identical_and_recomputes_nothing(referen
     assert attempts[0]["fromStep"] == 0 and attempts[-1]["toStep"] == total
     for before, after in zip(attempts, attempts[1:]):
         assert after["fromStep"] == before["toStep"], f"seed {seed}: steps recomputed or skipped: {attempts}"
-    assert not (run_dir / "last.ckpt").exists(), "a finished run keeps model.ckpt only"
+    assert not (run_dir / "last.json").exists() and not list((run_dir / "checkpoints").iterdir()), \
+        "a finished run keeps model.ckpt only"
 
 
 def test_preempted_before_the_first_step_resumes_from_the_starting_weights(reference, tmp_path):
@@ -140,14 +141,16 @@ def test_truncated_newest_checkpoint_resumes_from_the_previous_one(reference, tm
     harness = Trainer(tmp_path)
     run_dir = tmp_path / "store" / "tests" / "exact"
     stop(harness, manifest, run_dir, preempt_after_step=9)
-    newest = run_dir / "last.ckpt"
-    previous_step = torch.load(run_dir / "previous.ckpt", weights_only=True)["global_step"]
-    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    newest, previous = json.loads((run_dir / "last.json").read_text())["points"]
+    assert newest["step"] > previous["step"]
+    assert torch.load(run_dir / previous["key"], weights_only=True)["global_step"] == previous["step"]
+    damaged = run_dir / newest["key"]
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
 
-    assert "skipping checkpoint last.ckpt" in finish(harness, manifest, run_dir)
+    assert f"skipping checkpoint {newest['key']}" in finish(harness, manifest, run_dir)
     status = assert_same_outcome(run_dir, reference_dir)
-    assert any("last.ckpt" in warning["message"] for warning in status["warnings"])
-    assert status["attempts"][1]["fromStep"] == previous_step < status["attempts"][0]["toStep"]
+    assert any(newest["key"] in warning["message"] for warning in status["warnings"])
+    assert status["attempts"][1]["fromStep"] == previous["step"] < status["attempts"][0]["toStep"]
 
 
 def test_s3_run_directory_resumes_on_a_new_machine(reference, tmp_path, s3_server, review_tables):
@@ -167,7 +170,11 @@ def test_s3_run_directory_resumes_on_a_new_machine(reference, tmp_path, s3_serve
     attempt = first.attempt(manifest, run_uri, preempt_after_step=5,
                             status_file=tmp_path / "node-1" / "scratch" / "run" / "status.json")
     assert attempt.exit_code == PREEMPTED_EXIT_CODE, attempt.output[-3000:]
-    assert store.stat_object(bucket, "store/tests/exact/last.ckpt.sha256")
+    pointer = json.loads(store.get_object(bucket, "store/tests/exact/last.json").read())
+    newest = pointer["points"][0]
+    assert store.stat_object(bucket, f"store/tests/exact/{newest['key']}.sha256")
+    assert json.loads(store.get_object(bucket, "store/tests/exact/status.json").read())["lastCheckpoint"] == {
+        "uri": f"{run_uri}/{newest['key']}", **{k: newest[k] for k in ("step", "epoch", "sha256", "time")}}
 
     (tmp_path / "node-2").mkdir()
     final = Trainer(tmp_path / "node-2", s3_server.environ).attempt(manifest, run_uri)
@@ -177,5 +184,6 @@ def test_s3_run_directory_resumes_on_a_new_machine(reference, tmp_path, s3_serve
     assert status["attempts"][1]["fromStep"] == status["attempts"][0]["toStep"]
     names = {o.object_name for o in store.list_objects(bucket, "store/tests/exact/", recursive=True)}
     assert {"store/tests/exact/model.ckpt", "store/tests/exact/dump/hf_text/model.safetensors"} <= names
-    assert "store/tests/exact/last.ckpt" not in names
+    assert not {name for name in names if "checkpoints/" in name or name.endswith("last.json")}, \
+        "a finished run keeps model.ckpt only"
     assert s3_server.secret_key not in attempt.output + final.output

@@ -15,7 +15,7 @@ import yaml
 
 from kontinue.api.contract import INVALID_SPEC_EXIT_CODE, PREEMPTED_EXIT_CODE
 from kontinue.trainer.predictor import Predictor
-from tests.trainer_fixtures import Trainer, signal_when, training_run
+from tests.trainer_fixtures import Trainer, has_no_resume_points, resume_points, signal_when, training_run
 
 
 def read_json(path: Path) -> dict:
@@ -62,7 +62,7 @@ def test_run_stops_on_ctrl_c_and_the_same_command_resumes_it(tmp_path, tiny_bert
     assert code == PREEMPTED_EXIT_CODE, output[-3000:]
     assert "Run the same command again to resume" in output
     stopped = read_json(run_dir / "status.json")
-    assert stopped["phase"] == "Preempted" and (run_dir / "last.ckpt").exists()
+    assert stopped["phase"] == "Preempted" and resume_points(run_dir)[0]["step"] == stopped["lastCheckpoint"]["step"]
     assert f"Stopped at step {stopped['lastCheckpoint']['step']}" in output
 
     second = kontinue("run", str(manifest), "--store", str(store), cwd=tmp_path)
@@ -74,7 +74,7 @@ def test_run_stops_on_ctrl_c_and_the_same_command_resumes_it(tmp_path, tiny_bert
 
     assert (run_dir / "model.ckpt").exists() and (run_dir / "dump" / "hf_text" / "model.safetensors").exists()
     assert (run_dir / "dump" / "hf_text" / "tokenizer.json").exists()
-    assert not (run_dir / "last.ckpt").exists() and not (run_dir / "previous.ckpt").exists()
+    assert has_no_resume_points(run_dir)
     status = read_json(run_dir / "status.json")
     assert status["phase"] == "Succeeded"
     assert set(status["testMetrics"]) >= {"accuracy", "roc_auc"}
@@ -164,8 +164,7 @@ def test_continue_from_run_killed_before_its_first_resume_point_is_retried_in_it
     code, output = interrupted(command, run_dir / "status.json", signal.SIGKILL, cwd=tmp_path,
                                until=lambda status: (run_dir / "kontinue.json").exists())
     assert code == -signal.SIGKILL, output[-3000:]
-    for name in ("last.ckpt", "last.ckpt.sha256", "previous.ckpt", "previous.ckpt.sha256"):
-        (run_dir / name).unlink(missing_ok=True)  # in case the kill landed after the first resume point
+    (run_dir / "last.json").unlink(missing_ok=True)  # in case the kill landed after the first resume point
     assert read_json(run_dir / "kontinue.json")["label"] == "label"
 
     retry = kontinue("train", "--spec", str(spec), "--run-dir", str(run_dir), cwd=tmp_path)

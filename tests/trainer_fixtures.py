@@ -85,6 +85,16 @@ class Attempt:
     output: str
 
 
+@dataclass
+class Running:
+    """An attempt started and not waited for: to be signalled, stopped or continued."""
+    popen: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
 class Trainer:
     """Runs `kontinue train` as a pod would, and preempts it the way a kubelet does (SIGTERM)."""
 
@@ -97,26 +107,31 @@ class Trainer:
         path.write_text(yaml.safe_dump(manifest))
         return path
 
-    def attempt(self, manifest: dict, run_dir: str, *, preempt_after_step: int | None = None,
-                preempt_after_seconds: float | None = None, status_file: Path | None = None,
-                timeout: float = 300) -> Attempt:
-        """One attempt; SIGTERM once a checkpoint at or past preempt_after_step exists, or after
-        preempt_after_seconds."""
+    def start(self, manifest: dict, run_dir: str) -> Running:
+        """`kontinue train` for one attempt, not waited for."""
         log = self.workdir / f"attempt-{time.monotonic_ns()}.log"
-        status_file = status_file or Path(run_dir) / "status.json"
         with open(log, "w") as out:
             process = subprocess.Popen(
                 [sys.executable, "-m", "kontinue", "train", "--spec", str(self.write(manifest)),
                  "--run-dir", run_dir, "--scratch", str(self.workdir / "scratch")],
                 stdout=out, stderr=subprocess.STDOUT, env=self.environ)
-            deadline = time.monotonic() + timeout
-            if preempt_after_seconds is not None:
-                time.sleep(preempt_after_seconds)
-                process.send_signal(signal.SIGTERM)
-            reached = None if preempt_after_step is None else \
-                (lambda: _checkpoint_step(status_file) >= preempt_after_step)
-            code = signal_when(process, reached, signal.SIGTERM, deadline)
-        return Attempt(code, log.read_text())
+        return Running(process, log)
+
+    def attempt(self, manifest: dict, run_dir: str, *, preempt_after_step: int | None = None,
+                preempt_after_seconds: float | None = None, status_file: Path | None = None,
+                timeout: float = 300) -> Attempt:
+        """One attempt; SIGTERM once a checkpoint at or past preempt_after_step exists, or after
+        preempt_after_seconds."""
+        status_file = status_file or Path(run_dir) / "status.json"
+        running = self.start(manifest, run_dir)
+        deadline = time.monotonic() + timeout
+        if preempt_after_seconds is not None:
+            time.sleep(preempt_after_seconds)
+            running.popen.send_signal(signal.SIGTERM)
+        reached = None if preempt_after_step is None else \
+            (lambda: _checkpoint_step(status_file) >= preempt_after_step)
+        code = signal_when(running.popen, reached, signal.SIGTERM, deadline)
+        return Attempt(code, running.output())
 
 
 def signal_when(process: subprocess.Popen, condition: Callable[[], bool] | None, signum: int,
@@ -133,6 +148,19 @@ def signal_when(process: subprocess.Popen, condition: Callable[[], bool] | None,
     except subprocess.TimeoutExpired:
         process.kill()
         raise
+
+
+def resume_points(run_dir: Path) -> list[dict]:
+    """The resume points a run directory's last.json names, newest first ([] without one)."""
+    pointer = Path(run_dir) / "last.json"
+    return json.loads(pointer.read_text())["points"] if pointer.exists() else []
+
+
+def has_no_resume_points(run_dir: Path) -> bool:
+    """A finished run keeps model.ckpt only: no pointer, no checkpoints/, no old-layout files."""
+    run_dir = Path(run_dir)
+    return not (run_dir / "last.json").exists() and not list(run_dir.glob("checkpoints/*")) and \
+        not (run_dir / "last.ckpt").exists() and not (run_dir / "previous.ckpt").exists()
 
 
 def _checkpoint_step(status_file: Path) -> int:

@@ -162,11 +162,15 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
         _choice("auto", "32-true", "32", "bf16-mixed", "16-mixed", 32, 16)),
     "env.num_workers": Hyperparameter(0, "DataLoader worker processes.", _number(0, 64, integer=True)),
     "env.checkpoint_every_n_steps": Hyperparameter(
-        None, "Write last.ckpt every N optimizer steps (unset: only by time and on SIGTERM).",
+        None, "Take a resume point every N optimizer steps (unset: only by time and on SIGTERM).",
         _number(1, integer=True, allow=(None,))),
     "env.checkpoint_every_n_minutes": Hyperparameter(
-        10.0, "Write last.ckpt at least this often in minutes (unset: only by steps and on SIGTERM).",
+        5.0, "Take a resume point at least this often in minutes (unset: only by steps and on SIGTERM); "
+        "it is written in the background, so training stalls only while the state is copied.",
         _number(0.001, allow=(None,))),
+    "env.checkpoint_keep": Hyperparameter(
+        2, "Resume points kept: the newest N (the older ones are fallbacks for a damaged newest one).",
+        _number(1, 100, integer=True)),
 }
 
 

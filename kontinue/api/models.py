@@ -239,6 +239,8 @@ class CheckpointSpec(_Model):
     secret_ref: SecretRef | None = Field(None, description="S3 endpoint and credentials; required for s3://.")
     interval_steps: int | None = Field(None, ge=1, description="Also save every this many optimizer steps.")
     interval_minutes: float | None = Field(None, gt=0, description="Also save at least this often (minutes).")
+    keep: int | None = Field(None, ge=1, le=100, description=(
+        "Resume points kept, newest first (default 2): older ones are the fallback when the newest is damaged."))
     rules = (Rule("!self.storage.startsWith('s3://') || has(self.secretRef)",
                   "checkpoint.secretRef is required when checkpoint.storage is an s3:// URI",
                   lambda c: not c.storage.startswith("s3://") or c.secret_ref is not None),)
@@ -357,6 +359,8 @@ class _RunSpec(_Model):
         if self.checkpoint.interval_minutes is not None:
             implied["env.checkpoint_every_n_minutes"] = (
                 "spec.checkpoint.intervalMinutes", self.checkpoint.interval_minutes)
+        if self.checkpoint.keep is not None:
+            implied["env.checkpoint_keep"] = ("spec.checkpoint.keep", self.checkpoint.keep)
         for name in self.model.backbones() if self.model else ():
             implied[f"model.{name}.checkpoint_name"] = (
                 f"spec.model.{to_camel(name)}.checkpoint", getattr(self.model, name).checkpoint)

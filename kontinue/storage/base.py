@@ -68,6 +68,7 @@ class _Hashed:
 
     def __init__(self, f: BinaryIO):
         self._f, self.hash = f, hashlib.sha256()
+        self.info: ObjectInfo | None = None  # set by Store.writer once the object is stored
 
     def read(self, n: int = -1) -> bytes:
         data = self._f.read(n)
@@ -77,6 +78,9 @@ class _Hashed:
     def write(self, data: bytes) -> int:
         self.hash.update(data)
         return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
 
 
 def is_temp_name(name: str) -> bool:
@@ -124,6 +128,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def _write(self, key: str, stream: BinaryIO, size: int) -> ObjectInfo:
         """Atomically replace ``key`` with the ``size`` bytes read from ``stream``."""
+
+    @abc.abstractmethod
+    def _open(self, key: str) -> contextlib.AbstractContextManager[BinaryIO]:
+        """A writable stream for ``key``: the object appears, whole, when the block ends without an
+        error, and not at all when it raises."""
 
     @abc.abstractmethod
     def _read(self, key: str, sink: BinaryIO) -> ObjectInfo:
@@ -177,6 +186,17 @@ class Store(abc.ABC):
         with open(local_path, "rb") as f:
             return self._put(key, f, os.fstat(f.fileno()).st_size, checksum)
 
+    @contextlib.contextmanager
+    def writer(self, key: str, *, checksum: bool = False) -> Iterator[BinaryIO]:
+        """Streams an object in as it is produced (a checkpoint straight from its serializer): no
+        scratch copy, all-or-nothing, the sha256 sidecar (with ``checksum``) computed on the way and
+        written once the object is in place. ``writer.info`` holds the result after the block."""
+        key = self._key(key)
+        with self._open(key) as sink:
+            hashed = _Hashed(sink)
+            yield hashed
+        hashed.info = self._record_sha256(key, self._info(key), hashed.hash.hexdigest() if checksum else None)
+
     def put_bytes(self, key: str, data: bytes, *, checksum: bool = False) -> ObjectInfo:
         return self._put(key, io.BytesIO(data), len(data), checksum)
 
@@ -193,14 +213,15 @@ class Store(abc.ABC):
         if (actual := hashed.hash.hexdigest()) != expected:
             raise self._error(key, f"sha256 is {actual}, recorded {expected}", ChecksumMismatch)
 
-    def get_file(self, key: str, local_path: str | os.PathLike, *, verify: bool = False) -> ObjectInfo:
+    def get_file(self, key: str, local_path: str | os.PathLike, *, verify: bool = False,
+                 sha256: str | None = None) -> ObjectInfo:
         """Download into ``local_path`` all-or-nothing (parents created).
 
-        With ``verify`` the bytes must match the recorded sha256, else ChecksumMismatch and
-        ``local_path`` is left untouched.
+        With ``verify`` the bytes must match the recorded sha256 (or ``sha256``, when the caller
+        knows what it expects), else ChecksumMismatch and ``local_path`` is left untouched.
         """
         key = self._key(key)
-        expected = self._recorded_sha256(key) if verify else None
+        expected = (sha256 or self._recorded_sha256(key)) if verify else None
         with atomic_file(pathlib.Path(local_path)) as f:
             sink = _Hashed(f) if verify else f
             info = self._read(key, sink)
@@ -208,10 +229,10 @@ class Store(abc.ABC):
                 self._check_sha256(key, sink, expected)
         return replace(info, sha256=expected)
 
-    def verify(self, key: str) -> str:
-        """Checks ``key`` against its recorded sha256 without keeping a copy; returns the digest."""
+    def verify(self, key: str, sha256: str | None = None) -> str:
+        """Checks ``key`` against its recorded sha256 (or ``sha256``) without keeping a copy; returns the digest."""
         key = self._key(key)
-        expected = self._recorded_sha256(key)
+        expected = sha256 or self._recorded_sha256(key)
         with open(os.devnull, "wb") as null:
             sink = _Hashed(null)
             self._read(key, sink)

@@ -63,6 +63,11 @@ class LocalStore(Store):
         except OSError as exc:
             raise self._error(key, str(exc)) from exc
 
+    @contextlib.contextmanager
+    def _open(self, key: str) -> Iterator[BinaryIO]:
+        with self._errors(key, missing=()), atomic_file(self.root / key) as f:
+            yield f
+
     def _write(self, key: str, stream: BinaryIO, size: int) -> ObjectInfo:
         path = self.root / key
         with self._errors(key, missing=()), atomic_file(path) as f:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import os
+import queue
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping
@@ -23,7 +25,9 @@ from minio.error import MinioException, S3Error
 
 from .base import CHUNK, ObjectInfo, ObjectNotFound, StorageError, Store, check_key
 
-DEFAULT_PART_SIZE = 64 << 20
+DEFAULT_PART_SIZE = 32 << 20
+DEFAULT_PARALLEL_UPLOADS = 4
+PIPE_SLICE = 8 << 20  # what the pipe between a writer and the uploader moves at a time
 
 
 def _env(environ: Mapping[str, str], *names: str, required: bool = False) -> str | None:
@@ -38,6 +42,59 @@ def _env(environ: Mapping[str, str], *names: str, required: bool = False) -> str
 
 def _epoch(http_date: str | None) -> float:
     return email.utils.parsedate_to_datetime(http_date).timestamp() if http_date else time.time()
+
+
+class _Pipe:
+    """Bytes from a writer (a checkpoint's serializer) to minio's uploader in another thread.
+
+    Bounded, so a fast serializer waits for the upload instead of buffering a whole checkpoint; a
+    writer that fails aborts the reader (minio then aborts the multipart upload: nothing appears),
+    and a failed upload stops the writer."""
+
+    _EOF, _ABORT = object(), object()
+
+    def __init__(self, slices: int = 4):
+        self._queue: queue.Queue = queue.Queue(maxsize=slices)
+        self._current, self._done = memoryview(b""), False
+        self.upload_failed = threading.Event()
+
+    # -- the writer's side
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), PIPE_SLICE):
+            self._put(bytes(view[start:start + PIPE_SLICE]))
+        return len(view)
+
+    def flush(self) -> None:
+        pass
+
+    def _put(self, item) -> None:
+        while True:
+            if self.upload_failed.is_set():
+                raise OSError("the upload failed")
+            try:
+                self._queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def close(self, *, abort: bool = False) -> None:
+        with contextlib.suppress(OSError):  # an upload that failed already reads nothing more
+            self._put(self._ABORT if abort else self._EOF)
+
+    # -- the uploader's side
+    def read(self, size: int = -1) -> bytes:
+        while not self._current and not self._done:
+            item = self._queue.get()
+            if item is self._ABORT:
+                raise OSError("the writer failed; the upload is abandoned")
+            if item is self._EOF:
+                self._done = True
+            else:
+                self._current = memoryview(item)
+        chunk = self._current if size < 0 else self._current[:size]
+        self._current = self._current[len(chunk):]
+        return bytes(chunk)
 
 
 @dataclass(frozen=True)
@@ -77,11 +134,14 @@ class S3Config:
 
 
 class S3Store(Store):
-    """Objects are ``<prefix>/<key>`` in ``bucket``. Files larger than ``part_size`` upload multipart."""
+    """Objects are ``<prefix>/<key>`` in ``bucket``. Objects larger than ``part_size`` upload
+    multipart, ``parallel_uploads`` parts at a time."""
 
     def __init__(self, config: S3Config, bucket: str, prefix: str = "", *,
-                 part_size: int = DEFAULT_PART_SIZE, client: Minio | None = None):
+                 part_size: int = DEFAULT_PART_SIZE, parallel_uploads: int = DEFAULT_PARALLEL_UPLOADS,
+                 client: Minio | None = None):
         self.config, self.bucket, self.part_size = config, bucket, part_size
+        self.parallel_uploads = parallel_uploads
         prefix = prefix.strip("/")
         self.prefix = check_key(prefix) if prefix else ""
         self.client = client or config.client()
@@ -89,7 +149,8 @@ class S3Store(Store):
 
     def child(self, *parts: str) -> S3Store:
         prefix = "/".join([self.prefix, *(check_key(p) for p in parts)]).strip("/")
-        return S3Store(self.config, self.bucket, prefix, part_size=self.part_size, client=self.client)
+        return S3Store(self.config, self.bucket, prefix, part_size=self.part_size,
+                       parallel_uploads=self.parallel_uploads, client=self.client)
 
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist (never done implicitly: a typo should fail, not create)."""
@@ -121,8 +182,37 @@ class S3Store(Store):
 
     def _write(self, key: str, stream: BinaryIO, size: int) -> ObjectInfo:
         with self._errors(key):
-            result = self.client.put_object(self.bucket, self._name(key), stream, size, part_size=self.part_size)
+            result = self.client.put_object(self.bucket, self._name(key), stream, size, part_size=self.part_size,
+                                            num_parallel_uploads=self.parallel_uploads)
         return ObjectInfo(key, size, None, _epoch(result.http_headers.get("date")))  # S3 stamps the PUT time
+
+    @contextlib.contextmanager
+    def _open(self, key: str) -> Iterator[BinaryIO]:
+        """The object is uploaded while it is written, in parts sent in parallel (length unknown
+        up front); it appears when CompleteMultipartUpload (or the single PUT) succeeds."""
+        pipe, failure = _Pipe(), []
+
+        def upload() -> None:
+            try:
+                self._write(key, pipe, -1)
+            except BaseException as error:  # noqa: BLE001 -- handed to the writer's thread
+                failure.append(error)
+                pipe.upload_failed.set()
+
+        uploader = threading.Thread(target=upload, name=f"upload {self._name(key)}", daemon=True)
+        uploader.start()
+        try:
+            yield pipe
+        except BaseException as error:
+            pipe.close(abort=True)
+            uploader.join()
+            if pipe.upload_failed.is_set() and isinstance(error, OSError):  # stopped by the upload: say why
+                raise failure[0] from error
+            raise
+        pipe.close()
+        uploader.join()
+        if failure:
+            raise failure[0]
 
     def _read(self, key: str, sink: BinaryIO) -> ObjectInfo:
         with self._errors(key):

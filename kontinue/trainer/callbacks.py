@@ -10,11 +10,13 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from kontinue.api.contract import PREEMPTED_EXIT_CODE
+from kontinue.trainer.checkpoint_io import BackgroundWriter
 from kontinue.trainer.ownership import Superseded
 from kontinue.trainer.rundir import now
-from kontinue.trainer.signals import STOP_BEFORE_TRAINING
+from kontinue.trainer.signals import STOP_REQUESTED
 
 if TYPE_CHECKING:
     from kontinue.trainer.rundir import RunDirectory
@@ -67,21 +69,59 @@ class RandomState(pl.Callback):
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class _Vote:
+    """Flags every process raises at a step (stop, save, a failed write), combined across processes
+    without stalling the step: the all-reduce started at one step is read at the next, over a gloo
+    group, so no device is synchronised. In a single process a vote is its own outcome at once."""
+
+    def __init__(self, trainer: pl.Trainer):
+        self.distributed = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
+        self._group = dist.new_group(backend="gloo") if self.distributed else None
+        self._pending: tuple[Any, torch.Tensor] | None = None
+
+    def cast(self, flags: list[int]) -> list[int]:
+        """Starts this step's vote; returns the previous step's outcome (the maximum of each flag)."""
+        if not self.distributed:
+            return flags
+        outcome = self.close() or [0] * len(flags)
+        votes = torch.tensor(flags, dtype=torch.int32)
+        work = dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        self._pending = (work, votes)
+        return outcome
+
+    def close(self) -> list[int] | None:
+        """The outcome of the vote still open, if any."""
+        if self._pending is None:
+            return None
+        (work, votes), self._pending = self._pending, None
+        work.wait()
+        return votes.tolist()
+
+
+# What a failed background write is, in a vote: 1 superseded (stop, nothing lost), 2 any other failure.
+_SUPERSEDED, _WRITE_FAILED = 1, 2
+
+
 class ResumePoints(pl.Callback):
-    """Writes last.ckpt every N steps / minutes, and at once when asked to stop.
+    """Takes a resume point every N steps / minutes, and at once when asked to stop.
 
     A resume point is taken only where an uninterrupted run would pass too: after an optimizer
-    step, and after the validation that follows it when one is due. SIGTERM and SIGINT only set a
-    flag; the save happens at the next such point, then `Preempted` ends the fit.
+    step, and after the validation that follows it when one is due. Taking one copies the state and
+    hands it to the background writer (kontinue.trainer.checkpoint_io); training goes on while it
+    is written. SIGTERM and SIGINT only set a flag; at the next such point the final resume point
+    is taken, every write is waited for, and `Preempted` ends the fit.
     """
 
-    def __init__(self, run_dir: "RunDirectory", every_n_steps: int | None, every_n_minutes: float | None):
-        self.run_dir = run_dir
+    def __init__(self, run_dir: "RunDirectory", writer: BackgroundWriter, every_n_steps: int | None,
+                 every_n_minutes: float | None):
+        self.run_dir, self.writer = run_dir, writer
         self.every_n_steps = every_n_steps
         self.every_n_seconds = every_n_minutes * 60 if every_n_minutes else None
         self.stop_requested = False
+        self._stop_agreed = False
         self._last_save = time.monotonic()
         self._save_pending = False
+        self._vote: _Vote | None = None
         self._previous_handlers: dict[int, Any] = {}
 
     def _request_stop(self, signum, frame) -> None:
@@ -91,14 +131,16 @@ class ResumePoints(pl.Callback):
         # Installed after Lightning's own handlers so a stop never aborts a step or a validation.
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
-        if trainer.received_sigterm or STOP_BEFORE_TRAINING.is_set():
+        if trainer.received_sigterm or STOP_REQUESTED.is_set():
             # It came during set-up, before ours: take it over, or Lightning ends the fit with its
             # own SIGTERMException (exit code 0) without a resume point.
             self.stop_requested = True
             trainer._signal_connector.received_sigterm = False
+        self._vote = _Vote(trainer)
+        self._stop_agreed = trainer.strategy.reduce_boolean_decision(self.stop_requested, all=False)
         if trainer.ckpt_path is None:  # the starting weights are state too (pretrained or continued)
             self._save(trainer)
-        elif self.stop_requested:  # resumed, nothing trained since the checkpoint
+        elif self._stop_agreed:  # resumed, nothing trained since the checkpoint
             raise Preempted(trainer.global_step)
         self._last_save = time.monotonic()
 
@@ -109,32 +151,48 @@ class ResumePoints(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore_handlers()
+        self._vote.close()
+        self.writer.flush()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore_handlers()
+        self.writer.flush(raise_error=False)  # what is being written is a valid earlier state
 
-    def _periodic_due(self, trainer) -> bool:
-        by_steps = self.every_n_steps and trainer.global_step % self.every_n_steps == 0
-        by_time = self.every_n_seconds and time.monotonic() - self._last_save >= self.every_n_seconds
-        return bool(by_steps or by_time)
+    def _time_due(self) -> bool:
+        return bool(self.every_n_seconds and time.monotonic() - self._last_save >= self.every_n_seconds)
 
-    def _agreed(self, trainer, wish: bool) -> bool:
-        """Every process must save at the same step, so the wish is shared."""
-        return trainer.strategy.reduce_boolean_decision(wish, all=False)
+    def _write_failure(self) -> int:
+        error = self.writer.error
+        return 0 if error is None else _SUPERSEDED if isinstance(error, Superseded) else _WRITE_FAILED
+
+    def _raise_write_failure(self, trainer, failure: int) -> None:
+        """Every process stops on a failed write, which only the writing process (rank 0) knows of."""
+        self.writer.check()
+        if failure == _SUPERSEDED:
+            raise Superseded("a newer attempt holds the run directory (found while rank 0 wrote a resume point)")
+        if failure:
+            raise RuntimeError("rank 0 could not write a resume point (see its log)")
 
     def _save(self, trainer) -> None:
         self._save_pending = False
-        self.run_dir.save_resume_point(trainer)
+        key = self.run_dir.resume_point_key(trainer.global_step) if trainer.is_global_zero else "unused"
+        trainer.save_checkpoint(key, weights_only=False)  # returns once the state is copied
         self._last_save = time.monotonic()
-        if self._agreed(trainer, self.stop_requested):
+        if self._stop_agreed:
+            self.writer.flush()  # the final resume point, and any before it, are durable
+            trainer.strategy.barrier("kontinue-stop")
             raise Preempted(trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         epoch_loop = trainer.fit_loop.epoch_loop
         if epoch_loop._should_accumulate():
             return
-        wish = self._save_pending or self.stop_requested or self._periodic_due(trainer)
-        self._save_pending = self._agreed(trainer, wish)
+        stop, time_due, failure = self._vote.cast([self.stop_requested, self._time_due(), self._write_failure()])
+        if failure:
+            self._raise_write_failure(trainer, failure)
+        self._stop_agreed = self._stop_agreed or bool(stop)
+        steps_due = bool(self.every_n_steps and trainer.global_step % self.every_n_steps == 0)
+        self._save_pending = self._save_pending or self._stop_agreed or bool(time_due) or steps_due
         # When a validation follows this step, the resume point waits until it is done.
         if self._save_pending and not epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
             self._save(trainer)
@@ -142,15 +200,19 @@ class ResumePoints(pl.Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.state.fn != "fit" or trainer.sanity_checking:
             return
+        # A stop asked for during the validation is acted on now in a single process; processes
+        # agree on it at the next step's vote.
+        self._stop_agreed = self._stop_agreed or (self.stop_requested and not self._vote.distributed)
         # A validation can fall between the batches of one accumulated step; gradients are not
         # part of a checkpoint, so the save then waits for the step to complete.
         # Lightning does not resume correctly from a checkpoint taken at an epoch's last
         # validation (the resumed fit ends early), so that save moves to the next step.
         epoch_loop = trainer.fit_loop.epoch_loop
         if epoch_loop._should_accumulate() or epoch_loop.batch_progress.is_last_batch:
-            self._save_pending = self._save_pending or self.stop_requested or self._periodic_due(trainer)
+            self._save_pending = self._save_pending or self._stop_agreed or (
+                not self._vote.distributed and self._time_due())
             return
-        if self._save_pending or self._agreed(trainer, self.stop_requested):
+        if self._save_pending or self._stop_agreed:
             self._save(trainer)
 
 

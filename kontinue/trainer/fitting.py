@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping
 
 from kontinue.trainer.callbacks import BestModel, RandomState, ResumePoints, StatusReporter
+from kontinue.trainer.checkpoint_io import BackgroundWriter, ResumePointIO
 from kontinue.trainer.problem import Problem
 from kontinue.trainer.rundir import RunDirectory
 
@@ -32,6 +33,8 @@ def build_trainer(hp: dict[str, Any], run_dir: RunDirectory, problem: Problem, *
                   time_limit: float | None, progress_bar: bool) -> pl.Trainer:
     accelerator, device_count, strategy, precision = devices(hp)
     interval = hp["optim.val_check_interval"]
+    writer = BackgroundWriter()
+    run_dir.keep = hp["env.checkpoint_keep"]
     callbacks = [
         RandomState(),
         BestModel(run_dir, problem.higher_is_better),
@@ -41,7 +44,7 @@ def build_trainer(hp: dict[str, Any], run_dir: RunDirectory, problem: Problem, *
         # Last: a resume point taken at a validation must hold what the callbacks above made of it
         # (else a resumed run forgets that validation's best model), and an attempt stopped at its
         # first resume point must already be recorded in status.json.
-        ResumePoints(run_dir, hp["env.checkpoint_every_n_steps"], hp["env.checkpoint_every_n_minutes"]),
+        ResumePoints(run_dir, writer, hp["env.checkpoint_every_n_steps"], hp["env.checkpoint_every_n_minutes"]),
     ]
     return pl.Trainer(
         accelerator=accelerator, devices=device_count, strategy=strategy, precision=precision,
@@ -49,7 +52,7 @@ def build_trainer(hp: dict[str, Any], run_dir: RunDirectory, problem: Problem, *
         max_time=dt.timedelta(seconds=time_limit) if time_limit else None,
         accumulate_grad_batches=accumulate, gradient_clip_val=hp["optim.gradient_clip_val"] or None,
         val_check_interval=min(1.0, interval) if interval <= 1 else int(interval),
-        callbacks=callbacks, logger=False, enable_checkpointing=False, num_sanity_val_steps=0,
+        callbacks=callbacks, plugins=[ResumePointIO(run_dir, writer)], logger=False, enable_checkpointing=False, num_sanity_val_steps=0,
         enable_progress_bar=progress_bar, enable_model_summary=False,
         use_distributed_sampler=False, default_root_dir=str(run_dir.path),
     )

@@ -24,18 +24,20 @@ attempt's work (a resume point, model.ckpt, status.json, kontinue.json, the dump
 resume points) `RunDirectory` calls `Ownership.check`: if the record no longer names this attempt
 (another attempt or another run claimed the directory since), it raises `Superseded` and nothing is
 written. `Superseded` ends the process with SUPERSEDED_EXIT_CODE (kontinue.api.contract). Under
-DDP every rank claims (the same attempt: nothing changes); the check before a resume point is rank
-0's, shared with all ranks, while model.ckpt and status.json are rank 0's alone, so there a
-superseded rank 0 exits by itself and the pod (whose main process it is) ends with it.
+DDP every rank claims (the same attempt: nothing changes); resume points are written by rank 0's
+background writer, and a Superseded there reaches every rank through the per-step vote
+(kontinue.trainer.callbacks.ResumePoints), while model.ckpt and status.json are rank 0's alone, so
+there a superseded rank 0 exits by itself and the pod (whose main process it is) ends with it.
 
 The remaining race: checking and writing are two operations, and neither S3 (this storage layer
 has no conditional writes) nor a local rename looks at `owner.json`. A stale attempt that passed its
 check just before a newer attempt claimed the directory completes the write it had begun (one
 resume point, model.ckpt, status.json, kontinue.json or one dump), and its next check stops it.
-Within one spec that write is a state of the same deterministic run: a newer attempt that reads it
-resumes to the same result, one that meets a half-replaced resume point (on S3 a rename is copy
-then delete, and the sha256 sidecar is a separate object) falls back to previous.ckpt with a
-warning, and its own later writes replace a stale status.json. Across specs the window matters only
+Resume points are safe from it: their keys carry the attempt (`step-000000120-a3.ckpt`), so the
+stale write is an object no `last.json` names, deleted by the newer attempt's next save, and the
+pointer is checked for again right before it is replaced. Within one spec the other writes are
+states of the same deterministic run: a newer attempt that reads them resumes to the same result,
+and its own later writes replace a stale status.json. Across specs the window matters only
 if a re-created run claims an unstarted directory while the old run's pod is still setting up: the
 old kontinue.json could land after the new one. A claim is read-then-write too: of two attempts
 claiming at the same instant the later write wins, whichever attempt it is (the operator starts an

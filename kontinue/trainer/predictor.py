@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -196,17 +197,20 @@ class Predictor:
         return self
 
     def _finish(self, trainer: pl.Trainer, val_loader: DataLoader) -> None:
+        """Records the trained state before the resume points go: a process killed anywhere in
+        here leaves a run directory that is either resumed or complete, never one that fails."""
         run_dir, module = self.run_dir, self._module
         final = {"step": trainer.global_step, "sha256": state_fingerprint(module, trainer.optimizers)}
         if not run_dir.has_best_model():  # stopped by the time limit before any validation
             trainer.validate(module, val_loader, verbose=False)
         best = run_dir.load_best_model()
         module.load_state_dict(best["state_dict"])
-        run_dir.drop_resume_points()
         self.fit_summary = {"best_score": best["score"], "best_step": best["step"],
                             "eval_metric": self.problem.eval_metric, "steps": trainer.global_step}
         run_dir.update_status(phase="Succeeded", step=trainer.global_step, finished=now(), finalState=final,
                               bestScore=best["score"], metrics=best["metrics"])
+        run_dir.drop_resume_points()
+        run_dir.update_status()  # without lastCheckpoint
 
     def _progress_bar(self) -> bool:
         return self.verbosity >= 2 if self.enable_progress_bar is None else self.enable_progress_bar
@@ -308,9 +312,15 @@ class Predictor:
         `timm_image/`, ... (tabular towers and the fusion head are not dumped, as in AutoMM)."""
         self.problem  # noqa: B018 -- "not fitted yet" rather than an AttributeError below
         target = Path(save_path) if save_path else self.run_dir.path / "dump"
+        # Written beside the target and moved into place: a dump stopped half-way is never seen.
+        staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
         for name, backbone in self._module.backbones.items():
             if family_of(name).dumped:
-                backbone.dump(target / name)
+                backbone.dump(staging / name)
+        staging.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
         if target.absolute() == self.run_dir.path / "dump":  # a dump elsewhere leaves the run's status alone
             if self.run_dir.remote is not None:
                 self.run_dir.remote.sync_up(target, "dump")

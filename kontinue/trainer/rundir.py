@@ -2,14 +2,21 @@
 
     kontinue.json   predictor metadata (written before the first step)
     assets/<prefix>/  what rebuilding each backbone needs (tokenizer, config)
-    last.ckpt       the resume point; previous.ckpt the one before it; each with a .sha256 beside it
-    model.ckpt      the best weights so far
+    checkpoints/step-000000120.ckpt  resume points, each written once and never changed, with a
+                    .sha256 beside it
+    last.json       the pointer: the newest durable resume points, newest first, with their sha256;
+                    written last and atomically, so it only ever names complete checkpoints
+    model.ckpt      the best weights so far (+ .sha256)
     status.json     phase, progress, last checkpoint, metrics, warnings
     dump/           dump_model output
     owner.json      which run, spec and attempt the directory belongs to (kontinue.trainer.ownership)
 
 Training always happens in a local directory; when the run directory is remote (S3), every file
-written locally is published there too, and `fetch` brings a run back onto a new machine.
+written locally is published there too, and `fetch` brings a run back onto a new machine. Resume
+points are streamed to the run directory itself (S3 or the local one) from their serializer.
+
+Runs started before resume points were immutable have last.ckpt and previous.ckpt instead of
+checkpoints/ and last.json; they are still resumed from (LEGACY_RESUME_POINTS).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import datetime as dt
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,8 +36,10 @@ from kontinue.trainer.ownership import Claimant, Ownership, Superseded
 
 log = logging.getLogger("kontinue.trainer")
 
-METADATA, STATUS, LAST, PREVIOUS, BEST = "kontinue.json", "status.json", "last.ckpt", "previous.ckpt", "model.ckpt"
-RESUME_POINTS = (LAST, PREVIOUS)
+METADATA, STATUS, POINTER, BEST = "kontinue.json", "status.json", "last.json", "model.ckpt"
+CHECKPOINTS = "checkpoints/"
+LEGACY_RESUME_POINTS = ("last.ckpt", "previous.ckpt")  # read, never written
+DEFAULT_KEEP = 2
 # What a run directory holds, decided in one place (RunDirectory.state):
 EMPTY = "empty"            # no predictor
 UNSTARTED = "unstarted"    # set up, stopped before its first resume point: nothing was trained
@@ -50,10 +60,19 @@ class RunDirectory:
         self.status: dict[str, Any] = self._read_json(STATUS) or {}
         self.report: Callable[[dict[str, Any]], None] | None = None  # called after each status write
         self.ownership: Ownership | None = None  # set by claim(): every write is fenced from then on
+        self.keep = DEFAULT_KEEP  # resume points kept (env.checkpoint_keep)
+        self._status_lock = threading.Lock()  # the checkpoint writer's thread reports too
+        self._points: list[dict[str, Any]] | None = None  # what last.json names, once read
+        self._issued: set[str] = set()  # resume point keys handed out by this process
+
+    @property
+    def store(self) -> Store:
+        """Where the run directory's files live: the remote store, or the local directory."""
+        return self.remote or self.local
 
     @property
     def uri(self) -> str:
-        return (self.remote or self.local).uri
+        return self.store.uri
 
     def _read_json(self, name: str) -> dict[str, Any] | None:
         return json.loads(self.local.read_text(name)) if self.local.exists(name) else None
@@ -64,19 +83,20 @@ class RunDirectory:
             self.remote.put_file(name, self.path / name, checksum=checksum)
 
     def fetch(self) -> None:
-        """Brings metadata, assets, status and the best model down from the remote run directory."""
+        """Brings metadata, assets, status and the best model down from the remote run directory,
+        each file with a recorded sha256 verified against it."""
         if self.remote is None:
             return
         for info in self.remote.list():
-            if info.key not in RESUME_POINTS and not info.key.startswith("dump/"):
-                self.remote.get_file(info.key, self.path / info.key)
+            if not _resume_point_file(info.key) and not info.key.startswith("dump/"):
+                self.remote.get_file(info.key, self.path / info.key, verify=info.sha256 is not None)
         self.status = self._read_json(STATUS) or {}
 
     # -- ownership -------------------------------------------------------------------------------
     def claim(self, me: Claimant) -> None:
         """Takes the directory for this attempt before anything is written (kontinue.trainer.ownership):
         raises InvalidInput for another spec's directory, Superseded when a newer attempt holds it."""
-        self.ownership = Ownership(self.remote or self.local, me)
+        self.ownership = Ownership(self.store, me)
         self.ownership.claim(claimable=self.state() in (EMPTY, UNSTARTED), time=now())
 
     def guard(self) -> None:
@@ -109,51 +129,140 @@ class RunDirectory:
             self.status["step"] = step
             if max_steps:
                 self.status["progress"] = round(min(1.0, step / max_steps), 4)
-        self.status.update({k: v for k, v in fields.items() if v is not None}, updated=now())
-        self.guard()
-        self.local.write_text(STATUS, json.dumps(self.status, indent=2, default=str))
-        self.publish(STATUS)
-        if self.report is not None:
-            self.report(self.status)
+        with self._status_lock:
+            self.status.update({k: v for k, v in fields.items() if v is not None}, updated=now())
+            self.guard()
+            self.local.write_text(STATUS, json.dumps(self.status, indent=2, default=str))
+            self.publish(STATUS)
+            if self.report is not None:
+                self.report(self.status)
 
     def warn(self, message: str) -> None:
         log.warning(message)
         self.status.setdefault("warnings", []).append({"time": now(), "message": message})
         self.update_status()
 
-    # -- checkpoints -----------------------------------------------------------------------------
+    # -- resume points ---------------------------------------------------------------------------
+    def resume_point_key(self, step: int) -> str:
+        """A key no other resume point has: the step, and the attempt that writes it, so a stale
+        attempt can never overwrite one a newer attempt named (a second point at the same step
+        gets a counter). An object is written once and never changed."""
+        named = {point["key"] for point in self._read_points()}
+        attempt = self.ownership.me.attempt if self.ownership is not None else None
+        base = f"{CHECKPOINTS}step-{step:09d}" + (f"-a{attempt}" if attempt is not None else "")
+        key, n = f"{base}.ckpt", 0
+        while key in named or key in self._issued:
+            n += 1
+            key = f"{base}-{n}.ckpt"
+        self._issued.add(key)
+        return key
+
+    def write_resume_point(self, checkpoint: dict[str, Any], key: str) -> dict[str, Any]:
+        """The save protocol (run in the background writer, kontinue.trainer.checkpoint_io):
+        1. the checkpoint is streamed from its serializer into an immutable object + its sha256;
+        2. last.json is replaced, in one atomic write, to name it first and its predecessors after;
+        3. status.json's lastCheckpoint names it;
+        4. resume points last.json no longer names are deleted.
+        A crash at any step leaves last.json on complete, verified checkpoints. Each write is fenced:
+        a superseded attempt stops before it."""
+        store = self.store
+        self.guard()
+        with store.writer(key, checksum=True) as out:
+            torch.save(checkpoint, out)
+        point = {"key": key, "step": checkpoint["global_step"], "epoch": checkpoint["epoch"],
+                 "sha256": out.info.sha256, "size": out.info.size, "time": now()}
+        points = [point, *(p for p in self._read_points() if p["key"] != key)][:max(1, self.keep)]
+        self.guard()
+        store.write_text(POINTER, json.dumps({"version": 1, "points": points}, indent=2))
+        self._points = points
+        self.update_status(lastCheckpoint={"uri": f"{self.uri.rstrip('/')}/{key}",
+                                           **{name: point[name] for name in ("step", "epoch", "sha256", "time")}})
+        log.info("resume point saved at step %d (%s)", point["step"], key)
+        self._delete_resume_points(keep={p["key"] for p in points})
+        return point
+
+    def _read_points(self) -> list[dict[str, Any]]:
+        """The resume points last.json names, newest first ([] when there is none)."""
+        if self._points is None:
+            try:
+                pointer = json.loads(self.store.read_text(POINTER))
+                points = pointer["points"]
+                if not all(isinstance(p, dict) and isinstance(p.get("key"), str) for p in points):
+                    raise ValueError("an entry without a key")
+            except ObjectNotFound:
+                points = []
+            except (ValueError, KeyError, TypeError) as error:
+                self.warn(f"{POINTER} is unreadable ({type(error).__name__}: {error}); "
+                          f"looking for resume points in {CHECKPOINTS} instead")
+                points = self._listed_points()
+            self._points = points
+        return self._points
+
+    def _listed_points(self) -> list[dict[str, Any]]:
+        """Resume points found by listing, newest first: for a pointer that cannot be read."""
+        found = [{"key": info.key, "sha256": info.sha256} for info in self.store.list(CHECKPOINTS)
+                 if info.key.endswith(".ckpt")]
+        return sorted(found, key=lambda point: point["key"], reverse=True)
+
+    def _delete_resume_points(self, keep: set[str]) -> None:
+        for info in self.store.list(CHECKPOINTS):
+            if info.key not in keep:
+                self.store.delete(info.key)
+        for name in LEGACY_RESUME_POINTS:
+            self.store.delete(name)
+
+    def find_resume_point(self) -> Path | None:
+        """The newest resume point that matches its sha256 and loads, as a local file; bad ones are
+        skipped with a warning, falling back to their predecessors (and last.ckpt/previous.ckpt of
+        a run directory from before last.json).
+
+        Storage that cannot be reached is an error, not a bad checkpoint: the attempt fails and
+        is retried rather than falling back to an older state.
+        """
+        candidates = self._read_points() + [{"key": name, "legacy": True} for name in LEGACY_RESUME_POINTS]
+        for point in candidates:
+            name, path = point["key"], self.path / point["key"]
+            try:
+                if self.remote is not None:
+                    self.remote.get_file(name, path, verify=True, sha256=point.get("sha256"))
+                else:
+                    self.local.verify(name, sha256=point.get("sha256"))
+            except ObjectNotFound:
+                if not point.get("legacy"):
+                    self.warn(f"skipping checkpoint {name}: {POINTER} names it but it is gone")
+                continue
+            except ChecksumMismatch as error:
+                self.warn(f"skipping checkpoint {name}: {error}")
+                continue
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as error:  # truncated, not a checkpoint, or holding more than tensors
+                self.warn(f"skipping checkpoint {name}: it does not load ({type(error).__name__}: {error})")
+                continue
+            return path
+        return None
+
+    def has_resume_point(self) -> bool:
+        return any(self.store.exists(name) for name in (POINTER, *LEGACY_RESUME_POINTS))
+
+    def drop_resume_points(self) -> None:
+        """A finished run keeps model.ckpt only, as AutoMM does. The pointer goes first: a run
+        directory never names a deleted checkpoint."""
+        self.guard()
+        with self._status_lock:
+            self.status.pop("lastCheckpoint", None)
+        self.store.delete(POINTER)
+        self._points = []
+        self._delete_resume_points(keep=set())
+        if self.remote is not None:  # what resuming downloaded into the scratch directory
+            self.local.child(CHECKPOINTS.rstrip("/")).delete_all()
+            for name in LEGACY_RESUME_POINTS:
+                self.local.delete(name)
+
+    # -- the best model --------------------------------------------------------------------------
     def _scratch(self, name: str) -> Path:
         """A hidden temporary beside the store's files: never listed, never published."""
         return self.path / f".{name}.{os.getpid()}.tmp"
-
-    def save_resume_point(self, trainer) -> None:
-        """Writes last.ckpt (the previous one kept as previous.ckpt) here and remotely.
-
-        Every process takes part (Lightning gathers the state), rank 0 writes the files, and all
-        wait for it so none runs ahead into the next collective. Rank 0's ownership check, made
-        once the checkpoint is serialized (the shortest window before the files are replaced), is
-        shared, so that a superseded attempt stops in every process.
-        """
-        scratch = self._scratch(LAST)
-        trainer.save_checkpoint(scratch, weights_only=False)
-        superseded = trainer.strategy.broadcast(self._superseded() if trainer.is_global_zero else None, src=0)
-        if superseded:
-            scratch.unlink(missing_ok=True)
-            raise Superseded(superseded)
-        if trainer.is_global_zero:
-            try:
-                for store in filter(None, (self.local, self.remote)):
-                    if store.exists(LAST):
-                        store.move(LAST, PREVIOUS)
-                info = self.local.adopt(LAST, scratch, checksum=True)
-                self.publish(LAST, checksum=True)
-            finally:
-                scratch.unlink(missing_ok=True)
-            record = {"uri": f"{self.uri.rstrip('/')}/{LAST}", "step": trainer.global_step,
-                      "epoch": trainer.current_epoch, "sha256": info.sha256, "time": now()}
-            self.update_status(step=trainer.global_step, lastCheckpoint=record)
-            log.info("resume point saved at step %d (%s)", trainer.global_step, record["uri"])
-        trainer.strategy.barrier("kontinue-resume-point")
 
     def save_best_model(self, trainer, module: torch.nn.Module, score: float) -> None:
         if not trainer.is_global_zero:
@@ -171,58 +280,28 @@ class RunDirectory:
                                            "step": trainer.global_step})
 
     def load_best_model(self) -> dict[str, Any]:
+        """model.ckpt, verified against its sha256 when one was recorded."""
+        if self.local.sha256_of(BEST) is not None:
+            self.local.verify(BEST)
         return torch.load(self.path / BEST, map_location="cpu", weights_only=True)
 
     def has_best_model(self) -> bool:
         return self.local.exists(BEST)
 
-    def find_resume_point(self) -> Path | None:
-        """The newest checkpoint that matches its sha256 and loads; bad ones are skipped loudly.
-
-        Storage that cannot be reached is an error, not a bad checkpoint: the attempt fails and
-        is retried rather than falling back to an older state.
-        """
-        for name in RESUME_POINTS:
-            try:
-                if self.remote is not None:
-                    self.remote.get_file(name, self.path / name, verify=True)
-                elif self.local.exists(name):
-                    self.local.verify(name)
-                else:
-                    continue
-            except ObjectNotFound:
-                continue
-            except ChecksumMismatch as error:
-                self.warn(f"skipping checkpoint {name}: {error}")
-                continue
-            try:
-                torch.load(self.path / name, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as error:  # truncated, not a checkpoint, or holding more than tensors
-                self.warn(f"skipping checkpoint {name}: it does not load ({type(error).__name__}: {error})")
-                continue
-            return self.path / name
-        return None
-
     def state(self) -> str:
         if self.read_metadata() is None:
             return EMPTY
+        if self.status.get("finalState"):
+            return COMPLETED  # trained; whatever of its last steps is missing is done again
         if self.has_resume_point() or (self.status.get("lastCheckpoint") and self.status.get("phase") != "Succeeded"):
             return RESUMABLE  # with its checkpoints lost, resuming fails loudly rather than starting over
         if self.status.get("phase") == "Succeeded" or self.has_best_model():
             return COMPLETED
         return UNSTARTED
 
-    def has_resume_point(self) -> bool:
-        stores = [self.remote] if self.remote is not None else [self.local]
-        return any(store.exists(name) for store in stores for name in RESUME_POINTS)
 
-    def drop_resume_points(self) -> None:
-        """A finished run keeps model.ckpt only, as AutoMM does."""
-        self.guard()
-        self.status.pop("lastCheckpoint", None)
-        for store in filter(None, (self.local, self.remote)):
-            for name in RESUME_POINTS:
-                store.delete(name)
+def _resume_point_file(key: str) -> bool:
+    return key.startswith(CHECKPOINTS) or key in (POINTER, *LEGACY_RESUME_POINTS)
 
 
 def open_run_directory(uri: str, scratch: str | os.PathLike | None = None) -> RunDirectory:

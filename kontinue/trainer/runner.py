@@ -26,6 +26,7 @@ from kontinue.trainer.callbacks import Preempted
 from kontinue.trainer.data import read_table
 from kontinue.trainer.ownership import Claimant, Superseded
 from kontinue.trainer.predictor import Predictor
+from kontinue.trainer.signals import STOP_REQUESTED
 from kontinue.trainer.rundir import (BEST, COMPLETED, METADATA, RESUMABLE, STATUS, RunDirectory,
                                      open_run_directory)
 
@@ -151,12 +152,14 @@ def _superseded(run_dir: RunDirectory, message: str) -> Outcome:
 
 
 def _run_attempt(run: TrainingRun | TransferRun, run_dir: RunDirectory, run_dir_uri: str, scratch: Path,
-             progress_bar: bool) -> Outcome:
+                 progress_bar: bool) -> Outcome:
     spec = run.spec
     state = run_dir.state()
     if state == COMPLETED:
-        log.info("run %s already succeeded; nothing to do", run_dir.uri)
-        return _outcome(run_dir, "succeeded")
+        log.info("run %s is trained; finishing what is left of it", run_dir.uri)
+        if run_dir.has_resume_point():  # stopped while they were being deleted
+            run_dir.drop_resume_points()
+        return _last_steps(spec, run_dir, lambda: Predictor.load(run_dir.path, run_dir=run_dir))
     train = read_table(spec.data.train)
     validation = read_table(spec.data.validation) if spec.data.validation else None
     if state == RESUMABLE:
@@ -175,12 +178,26 @@ def _run_attempt(run: TrainingRun | TransferRun, run_dir: RunDirectory, run_dir_
             return _superseded(run_dir, run_dir.ownership.superseded)
         log.warning("stopped at step %d; the next attempt resumes there", stop.step)
         return _outcome(run_dir, "preempted", step=stop.step)
-    test_scores = predictor.evaluate(read_table(spec.data.test)) if spec.data.test else {}
-    if spec.dump_model:
-        run_dir.guard()  # the dump writes into the run directory without passing through RunDirectory
-    dump = predictor.dump_model() if spec.dump_model else None
-    run_dir.update_status(testMetrics=test_scores or None)
-    return _outcome(run_dir, "succeeded", test_scores=test_scores, dump=dump and run_dir.status.get("dumpedModel"))
+    return _last_steps(spec, run_dir, lambda: predictor)
+
+
+def _last_steps(spec: TrainingRunSpec | TransferRunSpec, run_dir: RunDirectory,
+                trained: Callable[[], Predictor]) -> Outcome:
+    """After training: the test scores, then the dump, each recorded in status.json once done. A
+    SIGTERM here stops the attempt between them (exit 75), and the next attempt does what is missing."""
+    predictor: Predictor | None = None
+    for step in ("test", "dump"):
+        if STOP_REQUESTED.is_set():
+            log.warning("stopped after training, before its %s; the next attempt finishes the run", step)
+            return _outcome(run_dir, "preempted")
+        if step == "test" and spec.data.test and run_dir.status.get("testMetrics") is None:
+            predictor = predictor or trained()
+            run_dir.update_status(testMetrics=predictor.evaluate(read_table(spec.data.test)))
+        if step == "dump" and spec.dump_model and not run_dir.status.get("dumpedModel"):
+            predictor = predictor or trained()
+            run_dir.guard()  # the dump writes into the run directory without passing through RunDirectory
+            predictor.dump_model()
+    return _outcome(run_dir, "succeeded", test_scores=run_dir.status.get("testMetrics") or {})
 
 
 def _outcome(run_dir: RunDirectory, result: str, **fields: Any) -> Outcome:

@@ -1,15 +1,18 @@
-"""Stop signals that arrive before training starts (kept light: installed before torch is imported)."""
+"""Stop signals outside the training loop (kept light: installed before torch is imported)."""
 
 from __future__ import annotations
 
 import signal
 import threading
 
-STOP_BEFORE_TRAINING = threading.Event()
+# Set by a SIGTERM or SIGINT during set-up (the fit then stops at its first resume point) or during
+# the run's last steps after training (scoring the test data, the dump: the attempt stops between
+# them). During training, the ResumePoints callback handles the signals itself.
+STOP_REQUESTED = threading.Event()
 
 
 def defer_stop_signals() -> None:
-    """For `kontinue train` and `run`: a SIGTERM or SIGINT that comes during set-up is kept rather
-    than fatal, and the fit stops at its first resume point with the "preempted" exit code."""
+    """For `kontinue train` and `run`: a SIGTERM or SIGINT outside the training loop is kept rather
+    than fatal, and the attempt stops at the next safe point with the "preempted" exit code."""
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: STOP_BEFORE_TRAINING.set())
+        signal.signal(signum, lambda *_: STOP_REQUESTED.set())

@@ -1,0 +1,133 @@
+"""Checkpoints written in the background: the training loop waits only for a copy of the state.
+
+`ResumePointIO` is the Lightning `CheckpointIO` plugin through which `Trainer.save_checkpoint`
+hands over a resume point: it copies every tensor (to the CPU) while the loop waits, then a
+`BackgroundWriter` serializes, hashes and stores the copy while training goes on.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.fabric.plugins import CheckpointIO
+
+if TYPE_CHECKING:
+    from kontinue.trainer.rundir import RunDirectory
+
+log = logging.getLogger("kontinue.trainer")
+
+
+def snapshot(value: Any) -> Any:
+    """A copy that training can no longer change: tensors copied to the CPU, containers rebuilt."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return type(value)((key, snapshot(item)) for key, item in value.items())
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        return type(value)(snapshot(item) for item in value)
+    return copy.deepcopy(value)
+
+
+@dataclass
+class _Job:
+    write: Callable[[], None]
+    what: str
+    supersedable: bool
+
+
+class BackgroundWriter:
+    """One thread that runs writes in the order they were asked for, one at a time.
+
+    A resume point still waiting when a newer one is asked for is dropped: only the newest state
+    matters, and at most two snapshots are held (the one being written, the one waiting). Other
+    writes (the best model) are never dropped. The first failure is kept and raised in the training
+    thread by `check` or `flush`; nothing is written after it.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: deque[_Job] = deque()
+        self._busy: _Job | None = None  # the write in progress
+        self._error: BaseException | None = None
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, write: Callable[[], None], what: str, *, supersedable: bool = False) -> None:
+        self.check()
+        with self._changed:
+            if supersedable:
+                for job in [job for job in self._jobs if job.supersedable]:
+                    self._jobs.remove(job)
+                    log.info("%s superseded by %s before it was written", job.what, what)
+            self._jobs.append(_Job(write, what, supersedable))
+            self._changed.notify_all()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="kontinue-checkpoint-writer", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                if not self._jobs or self._error is not None:
+                    self._jobs.clear()
+                    self._thread = None
+                    self._changed.notify_all()
+                    return
+                job = self._busy = self._jobs.popleft()
+            try:
+                job.write()
+            except BaseException as error:  # noqa: BLE001 -- raised in the training thread
+                log.error("writing %s failed: %s: %s", job.what, type(error).__name__, error)
+                self._error = error
+            finally:
+                with self._changed:
+                    self._busy = None
+                    self._changed.notify_all()
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    def check(self) -> None:
+        """Raises the failure of an earlier write, if there was one."""
+        if self._error is not None:
+            raise self._error
+
+    def flush(self, *, raise_error: bool = True) -> None:
+        """Waits until every write asked for is durable (or abandoned after a failure); raises the
+        first failure unless told not to (when another exception is already ending the fit)."""
+        with self._changed:
+            if self._thread is not None:
+                log.info("waiting for %s being written", ", ".join(job.what for job in [self._busy, *self._jobs] if job))
+            self._changed.wait_for(lambda: self._thread is None)
+        if raise_error:
+            self.check()
+
+
+class ResumePointIO(CheckpointIO):
+    """Lightning's checkpoint I/O for a run directory's resume points (passed to the Trainer as a
+    plugin). Saving returns once the state is copied; loading never unpickles anything but tensors
+    and plain types."""
+
+    def __init__(self, run_dir: "RunDirectory", writer: BackgroundWriter):
+        self.run_dir, self.writer = run_dir, writer
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        state, key = snapshot(checkpoint), str(path)
+        self.writer.submit(lambda: self.run_dir.write_resume_point(state, key), f"resume point {key}",
+                           supersedable=True)
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+    def remove_checkpoint(self, path) -> None:
+        raise NotImplementedError("resume points are removed by RunDirectory once the pointer has moved on")
+
+    def teardown(self) -> None:
+        self.writer.flush(raise_error=False)  # ResumePoints raises a failure where the fit can still report it

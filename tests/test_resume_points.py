@@ -1,0 +1,319 @@
+"""The resume-point protocol: immutable checkpoints, one pointer, a background writer.
+
+A crash is injected at every step of a save (the process dies there: nothing after it runs), and a
+new RunDirectory, as the next attempt would open it, must resume from a complete, verified point.
+Then the real trainer: SIGKILLs and SIGTERMs while saves are in flight, an old-layout directory,
+and stops after training.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kontinue.trainer.checkpoint_io import BackgroundWriter, snapshot
+from kontinue.trainer.rundir import POINTER, RunDirectory, open_run_directory
+from tests.test_resume import assert_same_outcome, finish, read_status, reference, stop  # noqa: F401
+from kontinue.api.contract import PREEMPTED_EXIT_CODE
+from tests.trainer_fixtures import Trainer, has_no_resume_points, resume_points, signal_when
+
+
+class Crash(Exception):
+    """The process died here."""
+
+
+def checkpoint(step: int) -> dict:
+    torch.manual_seed(step)
+    return {"global_step": step, "epoch": step // 10, "state_dict": {"w": torch.randn(64, 64)}}
+
+
+@pytest.fixture(params=["local", "s3"])
+def run_uri(request, tmp_path, monkeypatch):
+    if request.param == "local":
+        return str(tmp_path / "run")
+    s3_server = request.getfixturevalue("s3_server")
+    for name, value in s3_server.environ.items():  # what the trainer pod gets from its Secret
+        monkeypatch.setenv(name, value)
+    return f"s3://{s3_server.make_bucket()}/runs/exact"
+
+
+def reopen(run_uri: str, tmp_path: Path) -> RunDirectory:
+    """The run directory as the next attempt opens it, on a new machine (an empty scratch directory)."""
+    return open_run_directory(run_uri, tmp_path / f"scratch-{time.monotonic_ns()}")
+
+
+def resumes_at(run_uri: str, tmp_path: Path) -> int:
+    path = reopen(run_uri, tmp_path).find_resume_point()
+    return torch.load(path, weights_only=True)["global_step"]
+
+
+def write(run_dir: RunDirectory, step: int) -> dict:
+    return run_dir.write_resume_point(checkpoint(step), run_dir.resume_point_key(step))
+
+
+def crash_at(monkeypatch, store, method: str, *, when=lambda *args: True, after: int = 0) -> None:
+    """`store.method` raises Crash on its (after+1)-th call for which `when(*args)` holds."""
+    original, calls = getattr(store, method), []
+
+    def crashing(*args, **kwargs):
+        if when(*args):
+            calls.append(args)
+            if len(calls) > after:
+                raise Crash(f"{method}{args}")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(store, method, crashing)
+
+
+def stored_points(run_uri: str, tmp_path: Path) -> list[str]:
+    return [info.key for info in reopen(run_uri, tmp_path).store.list("checkpoints/") if info.key.endswith(".ckpt")]
+
+
+def test_the_pointer_names_the_newest_two_and_older_points_are_deleted_once_it_moved(run_uri, tmp_path):
+    run_dir = reopen(run_uri, tmp_path)
+    for step in (0, 3, 6, 9):
+        write(run_dir, step)
+    points = json.loads(run_dir.store.read_text(POINTER))["points"]
+    assert [p["step"] for p in points] == [9, 6]
+    assert stored_points(run_uri, tmp_path) == [p["key"] for p in reversed(points)]
+    assert run_dir.status["lastCheckpoint"]["step"] == 9
+    assert run_dir.status["lastCheckpoint"]["sha256"] == points[0]["sha256"] == run_dir.store.sha256_of(points[0]["key"])
+    run_dir.keep = 3
+    write(run_dir, 12)
+    assert [p["step"] for p in json.loads(run_dir.store.read_text(POINTER))["points"]] == [12, 9, 6]
+    assert resumes_at(run_uri, tmp_path) == 12
+
+
+@pytest.mark.parametrize("where", ["while streaming the object", "after the object, before the pointer",
+                                   "after the pointer, before the status", "while deleting old points"])
+def test_a_crash_at_every_step_of_a_save_resumes_from_a_valid_point(run_uri, tmp_path, where):
+    run_dir = reopen(run_uri, tmp_path)
+    write(run_dir, 3)
+    write(run_dir, 6)
+    store = run_dir.store
+    with pytest.MonkeyPatch.context() as crash:
+        if where == "while streaming the object":
+            crash.setattr(torch, "save", lambda obj, f: (f.write(b"PK\x03\x04 half a checkpoint"), _raise()))
+        elif where == "after the object, before the pointer":
+            crash_at(crash, store, "write_text", when=lambda key, text: key == POINTER)
+        elif where == "after the pointer, before the status":
+            crash.setattr(run_dir, "update_status", lambda **fields: _raise())
+        else:
+            crash_at(crash, store, "delete", after=0)
+        with pytest.raises(Crash):
+            write(run_dir, 9)
+
+    expected = 9 if where in ("after the pointer, before the status", "while deleting old points") else 6
+    assert resumes_at(run_uri, tmp_path) == expected
+    # The next attempt's first save tidies up: whatever the crash left unnamed is deleted.
+    next_attempt = reopen(run_uri, tmp_path)
+    next_attempt.find_resume_point()
+    write(next_attempt, expected + 1)
+    points = json.loads(next_attempt.store.read_text(POINTER))["points"]
+    assert [p["step"] for p in points] == [expected + 1, expected]
+    assert stored_points(run_uri, tmp_path) == [p["key"] for p in reversed(points)]
+    assert not any(info.key.startswith("checkpoints/.") for info in next_attempt.store.list())
+
+
+def _raise():
+    raise Crash("the process died here")
+
+
+def test_a_damaged_or_missing_newest_point_falls_back_to_its_predecessor_with_a_warning(run_uri, tmp_path):
+    run_dir = reopen(run_uri, tmp_path)
+    for step in (3, 6):
+        write(run_dir, step)
+    newest = json.loads(run_dir.store.read_text(POINTER))["points"][0]
+    run_dir.store.put_bytes(newest["key"], b"not the checkpoint the pointer names")  # sidecar gone too
+    resumed = reopen(run_uri, tmp_path)
+    assert torch.load(resumed.find_resume_point(), weights_only=True)["global_step"] == 3
+    assert any(newest["key"] in w["message"] and "sha256" in w["message"] for w in resumed.status["warnings"])
+    run_dir.store.delete(newest["key"])
+    resumed = reopen(run_uri, tmp_path)
+    assert torch.load(resumed.find_resume_point(), weights_only=True)["global_step"] == 3
+    assert any("names it but it is gone" in w["message"] for w in resumed.status["warnings"])
+
+
+def test_an_unreadable_pointer_falls_back_to_the_points_found_by_listing(run_uri, tmp_path):
+    run_dir = reopen(run_uri, tmp_path)
+    for step in (3, 6):
+        write(run_dir, step)
+    run_dir.store.write_text(POINTER, "{not json")
+    resumed = reopen(run_uri, tmp_path)
+    assert torch.load(resumed.find_resume_point(), weights_only=True)["global_step"] == 6
+    assert any(POINTER in w["message"] for w in resumed.status["warnings"])
+
+
+def test_a_stale_attempt_never_reuses_a_newer_attempts_key(tmp_path):
+    """Keys carry the attempt: an older attempt that finishes an upload after a newer one took
+    over writes an object nobody names, never over one the pointer names."""
+    from kontinue.trainer.ownership import Claimant
+
+    run_dir = RunDirectory(tmp_path / "run")
+    run_dir.claim(Claimant(uid="u", digest="d", attempt=3))
+    assert run_dir.resume_point_key(120) == "checkpoints/step-000000120-a3.ckpt"
+    assert run_dir.resume_point_key(120) == "checkpoints/step-000000120-a3-1.ckpt"
+
+
+def test_the_background_writer_keeps_order_supersedes_waiting_points_and_reports_failures():
+    written, started, release = [], threading.Event(), threading.Event()
+    writer = BackgroundWriter()
+    writer.submit(lambda: (started.set(), release.wait(5), written.append("point 1")), "point 1", supersedable=True)
+    started.wait(5)  # being written: no longer waiting, so never dropped
+    writer.submit(lambda: written.append("best model"), "best model")
+    writer.submit(lambda: written.append("point 2"), "point 2", supersedable=True)
+    writer.submit(lambda: written.append("point 3"), "point 3", supersedable=True)  # point 2 never written
+    release.set()
+    writer.flush()
+    assert written == ["point 1", "best model", "point 3"]
+    writer.submit(lambda: _raise(), "best model 2")
+    writer.submit(lambda: written.append("point 5"), "point 5", supersedable=True)
+    with pytest.raises(Crash):
+        writer.flush()
+    with pytest.raises(Crash):
+        writer.submit(lambda: written.append("point 6"), "point 6")
+    assert written[-1] == "point 3", "nothing is written after a failure"
+
+
+def test_a_snapshot_is_not_changed_by_training_on():
+    weights = torch.zeros(3)
+    state = {"state_dict": {"w": weights}, "loops": {"progress": [1, {"n": 2}]}, "step": (1, 2)}
+    copied = snapshot(state)
+    weights.add_(1)
+    state["loops"]["progress"][1]["n"] = 9
+    assert torch.equal(copied["state_dict"]["w"], torch.zeros(3))
+    assert copied["loops"]["progress"][1]["n"] == 2 and copied["step"] == (1, 2)
+
+
+# -- the real trainer --------------------------------------------------------------------------------
+
+def every_step(manifest: dict) -> dict:
+    """The same run with a resume point after every step: saves are nearly always in flight."""
+    manifest = copy.deepcopy(manifest)
+    manifest["spec"]["checkpoint"]["intervalSteps"] = 1
+    return manifest
+
+
+def test_sigkill_at_random_moments_while_saves_are_in_flight_ends_bit_identical(reference, tmp_path):  # noqa: F811
+    manifest, reference_dir = reference
+    manifest = every_step(manifest)
+    total = read_status(reference_dir)["finalState"]["step"]
+    harness, run_dir = Trainer(tmp_path), tmp_path / "store" / "tests" / "exact"
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    for _ in range(3):
+        done = read_status(run_dir).get("lastCheckpoint", {}).get("step", -1) if run_dir.exists() else -1
+        target = min(total - 2, done + rng.randint(2, 6))
+        process = harness.start(manifest, str(run_dir))
+        signal_when(process.popen, lambda: _newest_step(run_dir) >= target and not time.sleep(rng.uniform(0, 0.2)),
+                    signal.SIGKILL, time.monotonic() + 300)
+        assert process.popen.returncode == -signal.SIGKILL, f"seed {seed}: {process.output()[-3000:]}"
+    finish(harness, manifest, run_dir)
+    status = assert_same_outcome(run_dir, reference_dir)
+    assert has_no_resume_points(run_dir)
+    assert status["attempts"][-1]["outcome"] == "completed"
+
+
+def _newest_step(run_dir: Path) -> int:
+    try:
+        return resume_points(run_dir)[0]["step"]
+    except (OSError, ValueError, IndexError, KeyError):
+        return -1
+
+
+def test_sigterm_with_a_save_in_flight_waits_for_it_and_resumes_exactly(reference, tmp_path):  # noqa: F811
+    manifest, reference_dir = reference
+    manifest = every_step(manifest)
+    harness, run_dir = Trainer(tmp_path), tmp_path / "store" / "tests" / "exact"
+    rng = random.Random()
+    outputs = []
+    for stopped_at in (0, 0, 0):
+        stopped_at = _newest_step(run_dir)
+        attempt = harness.attempt(manifest, str(run_dir), preempt_after_step=stopped_at + rng.randint(2, 5))
+        assert attempt.exit_code == PREEMPTED_EXIT_CODE, attempt.output[-3000:]
+        outputs.append(attempt.output)
+        status = read_status(run_dir)
+        assert status["lastCheckpoint"]["step"] == resume_points(run_dir)[0]["step"] == status["attempts"][-1]["toStep"]
+    assert any("superseded by" in output or "waiting for" in output for output in outputs), \
+        "no save was in flight when a stop came: the test did not test that"
+    finish(harness, manifest, run_dir)
+    assert_same_outcome(run_dir, reference_dir)
+
+
+def test_an_old_layout_run_directory_still_resumes_and_ends_in_the_new_one(reference, tmp_path):  # noqa: F811
+    """A run preempted by a trainer from before last.json: last.ckpt and previous.ckpt with their sidecars."""
+    manifest, reference_dir = reference
+    harness, run_dir = Trainer(tmp_path), tmp_path / "store" / "tests" / "exact"
+    stop(harness, manifest, run_dir, preempt_after_step=5)
+    newest, predecessor = resume_points(run_dir)
+    for point, name in ((newest, "last.ckpt"), (predecessor, "previous.ckpt")):
+        (run_dir / point["key"]).rename(run_dir / name)
+        (run_dir / f"{point['key']}.sha256").rename(run_dir / f"{name}.sha256")
+    (run_dir / "last.json").unlink()
+    shutil.rmtree(run_dir / "checkpoints")
+    status = read_status(run_dir)
+    status["lastCheckpoint"]["uri"] = (run_dir / "last.ckpt").as_uri()
+    (run_dir / "status.json").write_text(json.dumps(status))
+
+    finish(harness, manifest, run_dir)
+    status = assert_same_outcome(run_dir, reference_dir)
+    assert status["attempts"][1]["fromStep"] == newest["step"]
+    assert has_no_resume_points(run_dir)
+
+
+@pytest.fixture(scope="module")
+def big_test_set(tmp_path_factory, reviews) -> str:
+    """5,000 test rows: scoring them takes long enough to be stopped in."""
+    path = tmp_path_factory.mktemp("big-test") / "test.parquet"
+    reviews[400:5400].to_parquet(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_stopped_after_training_the_next_attempt_finishes_without_training_again(
+        reference, tmp_path, big_test_set, signum):  # noqa: F811
+    """SIGTERM or SIGKILL once training is recorded (finalState), while the resume points are
+    deleted, the test data scored and the model dumped: never a Failed run or a half dump."""
+    manifest, reference_dir = reference
+    manifest = copy.deepcopy(manifest)
+    manifest["spec"]["data"]["test"] = big_test_set
+    harness, run_dir = Trainer(tmp_path), tmp_path / "store" / "tests" / "exact"
+    process = harness.start(manifest, str(run_dir))
+    code = signal_when(process.popen, lambda: "finalState" in _status(run_dir), signum, time.monotonic() + 300)
+    output = process.output()
+    if signum == signal.SIGTERM:
+        assert code == PREEMPTED_EXIT_CODE, output[-3000:]
+        assert "stopped after training" in output
+    else:
+        assert code == -signal.SIGKILL
+    assert not (run_dir / "dump").exists() or (run_dir / "dump" / "hf_text" / "model.safetensors").exists()
+
+    final = finish(harness, manifest, run_dir)
+    assert "is trained; finishing what is left" in final
+    status = assert_same_outcome(run_dir, reference_dir)
+    assert len(status["attempts"]) == 1, "trained again"
+    assert has_no_resume_points(run_dir)
+    assert set(status["testMetrics"]) >= {"accuracy"} and status["dumpedModel"]
+    from kontinue.trainer.predictor import Predictor
+
+    trained = Predictor.load(run_dir)
+    import pandas as pd
+
+    assert trained.evaluate(pd.read_parquet(big_test_set))["accuracy"] == status["testMetrics"]["accuracy"]
+    assert (run_dir / "dump" / "hf_text" / "model.safetensors").exists()
+
+
+def _status(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
