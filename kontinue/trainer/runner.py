@@ -157,8 +157,7 @@ def _run_attempt(run: TrainingRun | TransferRun, run_dir: RunDirectory, run_dir_
     state = run_dir.state()
     if state == COMPLETED:
         log.info("run %s is trained; finishing what is left of it", run_dir.uri)
-        if run_dir.has_resume_point():  # stopped while they were being deleted
-            run_dir.drop_resume_points()
+        run_dir.drop_resume_points()  # whatever a stop while they were being deleted left
         return _last_steps(spec, run_dir, lambda: Predictor.load(run_dir.path, run_dir=run_dir))
     train = read_table(spec.data.train)
     validation = read_table(spec.data.validation) if spec.data.validation else None
