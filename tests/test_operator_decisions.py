@@ -11,6 +11,7 @@ import pytest
 
 from kontinue.api.identity import spec_digest
 from kontinue.api.manifests import parse_training_run
+from kontinue.api.reports import TERMINATION_MESSAGE_BYTES, termination_message
 from kontinue.operator.pods import ATTEMPT_LABEL, RUN_LABEL, build_cleanup_pod, build_trainer_pod, pod_problems
 from kontinue.operator.reconcile import (Peers, Settings, cleanup_pod, decide, finite_status, parse_allowed_images,
                                          refused_pod, reported_status)
@@ -628,6 +629,41 @@ def test_a_success_with_a_nan_score_records_the_rest():
     assert plan.status["phase"] == "Succeeded" and plan.status["metrics"] == {"accuracy": 0.8}
     assert len(plan.status["warnings"]) == 2 and "metric log_loss is NaN" in plan.status["warnings"][0]
     json.dumps(plan.status, allow_nan=False)
+
+
+def test_a_success_whose_strict_termination_message_names_nan_records_the_rest():
+    """The trainer writes NaN as "NaN" (strict JSON); the operator reads it as NaN, never as a string
+    for a number field of the CRD, and leaves it out with the usual warning."""
+    body = run_body()
+    body["status"] = {"attempt": 1, "currentPod": "sst-1", "podUid": "pod-sst-1", "phase": "Running"}
+    word = {"result": "succeeded", "step": 90, "model": "s3://runs/ckpt/ml/sst/model.ckpt",
+            "scores": {"accuracy": 0.8, "log_loss": float("nan"),
+                       **{f"recall_{index:04d}": 0.5 for index in range(1000)}},
+            "test_scores": {"accuracy": float("-inf")}, "message": "ü" * 5000}
+    message = termination_message(word)
+    assert len(message) <= TERMINATION_MESSAGE_BYTES and "NaN" in json.loads(message)["scores"].values()
+    plan = decide(body, [pod_state(phase="Succeeded", terminated={
+        "exitCode": 0, "reason": "Completed", "message": message.decode()})], NOW, SETTINGS)
+    assert plan.status["phase"] == "Succeeded"
+    assert plan.status["bestCheckpoint"]["uri"] == "s3://runs/ckpt/ml/sst/model.ckpt"
+    metrics = plan.status["metrics"]
+    assert metrics["accuracy"] == 0.8 and "log_loss" not in metrics and "test_accuracy" not in metrics
+    assert 10 < len(metrics) < 1000 and all(isinstance(value, float) for value in metrics.values())
+    assert [w.split(" (")[0] for w in plan.status["warnings"]] == [
+        "metric log_loss is NaN", "metric test_accuracy is -inf"]
+    json.dumps(plan.status, allow_nan=False)
+
+
+def test_a_preemption_with_a_shortened_termination_message_keeps_its_resume_point():
+    body = run_body()
+    body["status"] = {"attempt": 1, "currentPod": "sst-1", "podUid": "pod-sst-1", "phase": "Running"}
+    checkpoint = {"uri": "s3://runs/ckpt/ml/sst/last.ckpt", "step": 40, "sha256": "ab" * 32}
+    message = termination_message({"result": "preempted", "step": 40, "checkpoint": checkpoint,
+                                   "scores": {f"m{index}": float("inf") for index in range(2000)}})
+    plan = decide(body, [pod_state(phase="Failed", terminated=exited(75) | {"message": message.decode()})],
+                  NOW, SETTINGS)
+    assert plan.status["phase"] == "Preempted" and plan.status["lastCheckpoint"] == checkpoint
+    assert "after step 40" in plan.status["message"]
 
 
 def test_status_fields_the_crd_does_not_declare_are_caught_before_the_api_server_drops_them():

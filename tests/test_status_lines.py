@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from kontinue.api.reports import MAX_WARNINGS, last_status, status_line
 from kontinue.operator.reconcile import reported_status
@@ -41,3 +42,24 @@ def test_the_operator_copies_only_what_changed():
     assert "metrics" not in update
     assert reported_status(report, {**update, "metrics": {"accuracy": 0.81}}) == {}
     assert reported_status(None, {}) == {}
+
+
+def test_a_diverged_run_prints_strict_json_and_the_operator_reports_what_is_not_a_number():
+    diverged = {**TRAINER_STATUS, "progress": math.inf, "metrics": {"accuracy": 0.5, "val_loss": math.nan},
+                "bestCheckpoint": {**TRAINER_STATUS["bestCheckpoint"], "score": -math.inf}}
+    line = status_line(diverged)
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    printed = json.loads(line.partition(": ")[2], parse_constant=refuse)  # what jq and Go's encoding/json accept
+    assert printed["metrics"] == {"accuracy": 0.5, "val_loss": "NaN"} and printed["progress"] == "Infinity"
+    assert printed["bestCheckpoint"]["score"] == "-Infinity"
+
+    report = last_status(line)
+    assert math.isnan(report["metrics"]["val_loss"]) and report["progress"] == math.inf
+    update = reported_status(report, {"metrics": {"accuracy": 0.4, "val_loss": 0.7}, "progressRatio": 0.3})
+    json.dumps(update, allow_nan=False)
+    assert update["metrics"] == {"accuracy": 0.5, "val_loss": None}, "None: the merge patch removes the stale loss"
+    assert "score" not in update["bestCheckpoint"] and "progressRatio" not in update
+    assert [w.split(" (")[0] for w in update["warnings"] if "JSON cannot carry it" in w] == [
+        "progress is inf", "bestCheckpoint.score is -inf", "metric val_loss is NaN"]

@@ -1,7 +1,8 @@
 """The trainer-operator contract, defined once: what a trainer process's exit code means.
 
 The status line (kontinue.api.reports) says how a running attempt is doing; the exit code and the
-termination message (the trainer's Outcome as JSON) say how it ended.
+termination message (the trainer's Outcome as JSON, kontinue.api.reports.termination_message) say
+how it ended.
 """
 
 from __future__ import annotations

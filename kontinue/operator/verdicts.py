@@ -9,11 +9,11 @@ container's termination reason and exit code.
 from __future__ import annotations
 
 import datetime as dt
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from kontinue.api.contract import INVALID_SPEC_EXIT_CODE, PREEMPTED_EXIT_CODE
+from kontinue.api.reports import loads
 from kontinue.operator.pods import CONTAINER
 
 PENDING, RUNNING, SUCCEEDED, PREEMPTED, FAILED = "pending", "running", "succeeded", "preempted", "failed"
@@ -54,8 +54,10 @@ def termination_message(pod: dict[str, Any]) -> str:
 
 
 def _trainer_word(terminated: dict[str, Any]) -> dict[str, Any]:
+    """The trainer's Outcome from its termination message (kontinue.api.reports), NaN scores as
+    floats again; {} for text (a refused spec, a crash's log tail)."""
     try:
-        word = json.loads(terminated.get("message") or "")
+        word = loads(terminated.get("message") or "")
     except ValueError:
         return {}
     return word if isinstance(word, dict) else {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -16,6 +15,7 @@ import yaml
 from kontinue.api.contract import INVALID_SPEC_EXIT_CODE, InvalidInput
 from kontinue.api.manifests import Problem, SpecError, load_manifest, parse_resource
 from kontinue.api.models import TrainingRun, TransferRun
+from kontinue.api.reports import dumps
 from kontinue.trainer.signals import defer_stop_signals
 
 if TYPE_CHECKING:  # the runner imports torch: only once a run starts
@@ -92,7 +92,7 @@ def _train(args: argparse.Namespace) -> int:
     if outcome is None:
         return INVALID_SPEC_EXIT_CODE
     write_termination_message(outcome)
-    print(json.dumps(outcome.__dict__))
+    print(dumps(outcome.__dict__))
     return outcome.exit_code
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from kontinue.api.manifests import Problem, SpecError
 from kontinue.api.families import family_of
 from kontinue.api.models import ModelSource, TrainingRun, TrainingRunSpec, TransferRun, TransferRunSpec
-from kontinue.api.reports import status_line
+from kontinue.api.reports import status_line, termination_message
 from kontinue.storage import LocalStore, Store, open_store
 from kontinue.api.contract import PREEMPTED_EXIT_CODE, SUCCEEDED_EXIT_CODE, SUPERSEDED_EXIT_CODE
 from kontinue.trainer.callbacks import Preempted
@@ -55,13 +55,13 @@ class Outcome:
 
 
 def write_termination_message(outcome: Outcome | str, path: str | None = None) -> None:
-    """Kubernetes shows this file as the container's termination message (4 KiB at most): the
-    Outcome as JSON, or why the spec was refused."""
+    """Kubernetes shows this file as the container's termination message: the Outcome as JSON, or
+    why the spec was refused, fitted to the 4 KiB it keeps (kontinue.api.reports.termination_message)."""
     path = path or os.environ.get("KONTINUE_TERMINATION_LOG", TERMINATION_LOG)
-    text = outcome if isinstance(outcome, str) else json.dumps(outcome.__dict__)
+    message = termination_message(outcome if isinstance(outcome, str) else outcome.__dict__)
     if Path(path).parent.is_dir():
         try:
-            Path(path).write_text(text[:4096])
+            Path(path).write_bytes(message)
         except OSError as error:
             log.debug("no termination message written: %s", error)
 
