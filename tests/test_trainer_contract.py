@@ -150,3 +150,23 @@ def test_the_trainer_writes_its_outcome_fitted_and_strict(tmp_path):
     write_termination_message("invalid input: " + "ü" * 4000, str(path))
     assert len(path.read_bytes()) <= TERMINATION_MESSAGE_BYTES
     assert path.read_text(encoding="utf-8").startswith("invalid input: üü")
+
+
+def test_a_run_directory_keeps_nan_metrics_as_strict_json_and_reads_them_back_as_floats(tmp_path):
+    """A diverged validation (NaN loss, infinite score) in status.json, its status line and the
+    attempt's Outcome: every reader parses them, and the trainer reads NaN back after a restart."""
+    from kontinue.api.reports import status_line
+    from kontinue.trainer.rundir import RunDirectory
+    from kontinue.trainer.runner import _outcome
+
+    run_dir = RunDirectory(tmp_path / "run")
+    lines = []
+    run_dir.report = lambda status: lines.append(status_line(status))
+    run_dir.update_status(step=3, metrics={"val_loss": math.nan, "accuracy": math.inf, "f1": 0.5})
+    written = strict_json((tmp_path / "run" / "status.json").read_text())
+    assert written["metrics"] == {"val_loss": "NaN", "accuracy": "Infinity", "f1": 0.5}
+    assert strict_json(lines[-1].partition("kontinue-status: ")[2])["metrics"]["val_loss"] == "NaN"
+    again = RunDirectory(tmp_path / "run").status["metrics"]
+    assert math.isnan(again["val_loss"]) and again["accuracy"] == math.inf and again["f1"] == 0.5
+    word = strict_json(termination_message(_outcome(run_dir, "succeeded").__dict__))
+    assert word["scores"]["val_loss"] == "NaN"

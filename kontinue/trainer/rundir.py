@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import torch
 
+from kontinue.api.reports import dumps, loads
 from kontinue.storage import ChecksumMismatch, LocalStore, ObjectNotFound, Store, open_store
 from kontinue.trainer.ownership import Claimant, Ownership, Superseded
 
@@ -57,7 +58,7 @@ class RunDirectory:
         self.path.mkdir(parents=True, exist_ok=True)
         self.local = open_store(str(self.path))
         self.remote = remote
-        self.status: dict[str, Any] = self._read_json(STATUS) or {}
+        self.status: dict[str, Any] = self._read_status()
         self.report: Callable[[dict[str, Any]], None] | None = None  # called after each status write
         self.ownership: Ownership | None = None  # set by claim(): every write is fenced from then on
         self.keep = DEFAULT_KEEP  # resume points kept (env.checkpoint_keep)
@@ -77,6 +78,10 @@ class RunDirectory:
     def _read_json(self, name: str) -> dict[str, Any] | None:
         return json.loads(self.local.read_text(name)) if self.local.exists(name) else None
 
+    def _read_status(self) -> dict[str, Any]:
+        """status.json, its "NaN"/"Infinity" metrics as floats again (kontinue.api.reports)."""
+        return loads(self.local.read_text(STATUS)) if self.local.exists(STATUS) else {}
+
     def publish(self, name: str, *, checksum: bool = False) -> None:
         """Copies a local file to the remote run directory, if there is one."""
         if self.remote is not None:
@@ -90,7 +95,7 @@ class RunDirectory:
         for info in self.remote.list():
             if not _resume_point_file(info.key) and not info.key.startswith("dump/"):
                 self.remote.get_file(info.key, self.path / info.key, verify=info.sha256 is not None)
-        self.status = self._read_json(STATUS) or {}
+        self.status = self._read_status()
 
     # -- ownership -------------------------------------------------------------------------------
     def claim(self, me: Claimant) -> None:
@@ -132,7 +137,7 @@ class RunDirectory:
         with self._status_lock:
             self.status.update({k: v for k, v in fields.items() if v is not None}, updated=now())
             self.guard()
-            self.local.write_text(STATUS, json.dumps(self.status, indent=2, default=str))
+            self.local.write_text(STATUS, dumps(self.status, indent=2, default=str))
             self.publish(STATUS)
             if self.report is not None:
                 self.report(self.status)
