@@ -9,7 +9,7 @@ import shutil
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from .base import (CHUNK, ObjectInfo, ObjectNotFound, StorageError, Store, _Hashed, atomic_file, check_key,
+from .base import (CHUNK, ObjectInfo, ObjectNotFound, StorageError, Store, atomic_file, check_key,
                    is_temp_name)
 
 
@@ -41,18 +41,6 @@ class LocalStore(Store):
     def local_path(self, key: str) -> pathlib.Path:
         """The file backing ``key`` (it may not exist yet)."""
         return self.root / self._key(key)
-
-    def adopt(self, key: str, path: str | os.PathLike, *, checksum: bool = False) -> ObjectInfo:
-        """Moves a file from this filesystem into the store without copying it (a checkpoint just
-        written beside the store): hashed in one read, synced, renamed into place."""
-        key, source = self._key(key), pathlib.Path(path)
-        with self._errors(key), open(source, "rb") as f:
-            hashed = _Hashed(f)
-            while hashed.read(CHUNK):
-                pass
-            os.fsync(f.fileno())
-        self._rename_path(source, key)
-        return self._record_sha256(key, self._info(key), hashed.hash.hexdigest() if checksum else None)
 
     @contextlib.contextmanager
     def _errors(self, key: str, missing=(FileNotFoundError, NotADirectoryError)) -> Iterator[None]:
@@ -104,9 +92,6 @@ class LocalStore(Store):
             (self.root / key).unlink(missing_ok=True)
 
     def _rename(self, src: str, dst: str) -> None:
-        self._rename_path(self.root / src, dst)
-
-    def _rename_path(self, source: pathlib.Path, dst: str) -> None:
         with self._errors(dst):
             (self.root / dst).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(source, self.root / dst)
+            os.replace(self.root / src, self.root / dst)

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from kontinue.api.contract import PREEMPTED_EXIT_CODE
-from kontinue.trainer.checkpoint_io import BackgroundWriter
+from kontinue.trainer.checkpoint_io import BackgroundWriter, snapshot
 from kontinue.trainer.ownership import Superseded
 from kontinue.trainer.rundir import now
 from kontinue.trainer.signals import STOP_REQUESTED
@@ -217,10 +217,11 @@ class ResumePoints(pl.Callback):
 
 
 class BestModel(pl.Callback):
-    """Keeps model.ckpt at the best validation score so far (AutoMM's model.ckpt)."""
+    """Keeps model.ckpt at the best validation score so far (AutoMM's model.ckpt), written by the
+    background writer (before any resume point taken after it) while training goes on."""
 
-    def __init__(self, run_dir: "RunDirectory", higher_is_better: bool):
-        self.run_dir = run_dir
+    def __init__(self, run_dir: "RunDirectory", writer: BackgroundWriter, higher_is_better: bool):
+        self.run_dir, self.writer = run_dir, writer
         self.higher_is_better = higher_is_better
         self.best_score: float | None = None
         self.best_step = -1
@@ -239,7 +240,12 @@ class BestModel(pl.Callback):
                                              else score < self.best_score)
         if better and np.isfinite(score):
             self.best_score, self.best_step = score, trainer.global_step
-            self.run_dir.save_best_model(trainer, pl_module, score)
+            if trainer.is_global_zero:
+                best = snapshot({"state_dict": pl_module.state_dict(), "score": score, "step": trainer.global_step,
+                                 "metrics": dict(pl_module.last_validation)})
+                self.writer.submit(lambda: self.run_dir.write_best_model(best), f"model.ckpt (step {best['step']})")
+        if trainer.state.fn != "fit":  # Trainer.validate after a fit: its caller reads model.ckpt next
+            self.writer.flush()
 
 
 class StatusReporter(pl.Callback):

@@ -37,7 +37,7 @@ def build_trainer(hp: dict[str, Any], run_dir: RunDirectory, problem: Problem, *
     run_dir.keep = hp["env.checkpoint_keep"]
     callbacks = [
         RandomState(),
-        BestModel(run_dir, problem.higher_is_better),
+        BestModel(run_dir, writer, problem.higher_is_better),
         StatusReporter(run_dir),
         EarlyStopping(monitor="val_score", mode="max" if problem.higher_is_better else "min",
                       patience=hp["optim.patience"], check_on_train_epoch_end=False),

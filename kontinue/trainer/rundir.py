@@ -265,24 +265,15 @@ class RunDirectory:
                 self.local.delete(name)
 
     # -- the best model --------------------------------------------------------------------------
-    def _scratch(self, name: str) -> Path:
-        """A hidden temporary beside the store's files: never listed, never published."""
-        return self.path / f".{name}.{os.getpid()}.tmp"
-
-    def save_best_model(self, trainer, module: torch.nn.Module, score: float) -> None:
-        if not trainer.is_global_zero:
-            return
-        scratch = self._scratch(BEST)
-        torch.save({"state_dict": module.state_dict(), "score": score, "step": trainer.global_step,
-                    "metrics": dict(module.last_validation)}, scratch)
-        try:
-            self.guard()
-            self.local.adopt(BEST, scratch, checksum=True)
-            self.publish(BEST, checksum=True)
-        finally:
-            scratch.unlink(missing_ok=True)
-        self.update_status(bestCheckpoint={"uri": f"{self.uri.rstrip('/')}/{BEST}", "score": score,
-                                           "step": trainer.global_step})
+    def write_best_model(self, best: dict[str, Any]) -> None:
+        """model.ckpt ({state_dict, score, step, metrics}), streamed from its serializer into this
+        machine's run directory, then published; status.json names it once it is durable."""
+        self.guard()
+        with self.local.writer(BEST, checksum=True) as out:
+            torch.save(best, out)
+        self.publish(BEST, checksum=True)
+        self.update_status(bestCheckpoint={"uri": f"{self.uri.rstrip('/')}/{BEST}", "score": best["score"],
+                                           "step": best["step"]})
 
     def load_best_model(self) -> dict[str, Any]:
         """model.ckpt, verified against its sha256 when one was recorded."""
