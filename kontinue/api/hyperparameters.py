@@ -157,6 +157,11 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
     "env.eval_batch_size_ratio": Hyperparameter(
         4, "Evaluation batch size as a multiple of per_gpu_batch_size.", _number(1, integer=True)),
     "env.num_gpus": Hyperparameter(-1, "GPUs to use (-1: all visible, 0: CPU).", _number(-1, integer=True)),
+    "env.num_processes": Hyperparameter(
+        1, "Processes on the CPU when no GPU is used: more than 1 trains with DDP over gloo, each process "
+        "taking env.per_gpu_batch_size samples of every batch (env.batch_size counts them all). Ignored on "
+        "GPUs, which run one process each.",
+        _number(1, 256, integer=True)),
     "env.precision": Hyperparameter(
         "auto", "Lightning precision; auto is bf16-mixed on GPUs that support it, else 32.",
         _choice("auto", "32-true", "32", "bf16-mixed", "16-mixed", 32, 16)),

@@ -34,14 +34,20 @@ class Preempted(SystemExit):
 class RandomState(pl.Callback):
     """Carries every RNG state through a checkpoint so dropout after a resume matches.
 
+    Under DDP each process draws its own numbers (its batches differ), so the checkpoint holds every
+    rank's states, gathered when it is taken ({"ranks": [rank 0's, rank 1's, ...]}), and each rank
+    gets its own back. A checkpoint with one state (written before states were per rank) gives it to
+    every rank, and so does one taken with fewer ranks than resume it.
+
     States are put back at the first training batch after a restore, after Lightning and the
     data loaders have finished their own set-up.
     """
 
     def __init__(self) -> None:
-        self._pending: dict[str, Any] | None = None
+        self._pending: list[dict[str, Any]] | None = None
 
-    def state_dict(self) -> dict[str, Any]:
+    @staticmethod
+    def _local_state() -> dict[str, Any]:
         python_state = random.getstate()
         numpy_state = np.random.get_state()
         state = {
@@ -53,13 +59,25 @@ class RandomState(pl.Callback):
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
+    def state_dict(self) -> dict[str, Any]:
+        """Collective under DDP: every rank takes part in every checkpoint (Lightning's save_checkpoint
+        is called by all of them)."""
+        state = self._local_state()
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not distributed or torch.distributed.get_world_size() == 1:
+            return {"ranks": [state]}
+        states: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(states, state)
+        return {"ranks": states}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending = state_dict
+        self._pending = list(state_dict["ranks"]) if "ranks" in state_dict else [state_dict]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._pending is None:
             return
-        state, self._pending = self._pending, None
+        states, self._pending = self._pending, None
+        state = states[trainer.global_rank] if trainer.global_rank < len(states) else states[0]
         torch.set_rng_state(state["torch"])
         version, internal, gauss = state["python"]
         random.setstate((version, tuple(internal), gauss))

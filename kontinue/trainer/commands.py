@@ -79,6 +79,15 @@ def _attempt(path: str, run: TrainingRun | TransferRun, run_dir: str, **options:
         return None
 
 
+def _other_rank() -> bool:
+    """A further rank of a DDP fit (Lightning runs the command once more per rank): it exits with its
+    outcome's code (0 once its part of the fit is done, 75 stopped at the same resume point as rank
+    0) and reports nothing; rank 0 writes the termination message and says how the attempt ended."""
+    from kontinue.trainer.fitting import process_rank
+
+    return process_rank() != 0
+
+
 def _train(args: argparse.Namespace) -> int:
     defer_stop_signals()
     from kontinue.trainer.runner import report_to_stdout, write_termination_message
@@ -91,6 +100,8 @@ def _train(args: argparse.Namespace) -> int:
     outcome = _attempt(args.spec, run, args.run_dir, scratch=args.scratch, report=report_to_stdout)
     if outcome is None:
         return INVALID_SPEC_EXIT_CODE
+    if _other_rank():
+        return outcome.exit_code
     write_termination_message(outcome)
     print(dumps(outcome.__dict__))
     return outcome.exit_code
@@ -109,6 +120,8 @@ def _run(args: argparse.Namespace) -> int:
     outcome = _attempt(args.manifest, run, run_dir, progress_bar=True)
     if outcome is None:
         return INVALID_SPEC_EXIT_CODE
+    if _other_rank():
+        return outcome.exit_code
     if outcome.result == "superseded":  # another attempt claimed the run directory meanwhile
         print(f"\n{outcome.message}", file=sys.stderr)
         return outcome.exit_code

@@ -129,7 +129,8 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
         # twice and discards the first without drawing from it.
         self._skip = None
         # The rank is asked for here: loaders are built before Lightning starts the process group.
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        # A loader for one process (evaluate, predict after a DDP fit) takes every sample on any rank.
+        rank = torch.distributed.get_rank() if self.world_size > 1 and torch.distributed.is_initialized() else 0
         for batch in self._global_batches()[start:]:
             yield [(index, epoch) for index in batch[rank::self.world_size]]
 

@@ -27,7 +27,7 @@ from kontinue.api.hyperparameters import validate_hyperparameters
 from kontinue.trainer.columns import column_roles
 from kontinue.trainer.data import (Collate, ResumableBatchSampler, ResumableDataLoader, RowDataset, as_table,
                                    table_fingerprint)
-from kontinue.trainer.fitting import build_trainer, devices, state_fingerprint
+from kontinue.trainer.fitting import build_trainer, devices, end_processes, process_rank, state_fingerprint
 from kontinue.trainer.model import build_module, rebuild_module, save_assets, select_models
 from kontinue.trainer.module import PredictorModule
 from kontinue.trainer.problem import Problem
@@ -80,6 +80,13 @@ class Predictor:
         self._run_dir = run_dir
 
     @property
+    def is_main_process(self) -> bool:
+        """False in the other ranks of a DDP fit (Lightning runs the script once more per rank): they
+        write nothing, and only rank 0 finishes a fit (best weights, status.json), so only it should
+        evaluate, dump or save afterwards."""
+        return process_rank() == 0
+
+    @property
     def problem(self) -> Problem:
         if self._problem is None or self._module is None:
             raise RuntimeError("the predictor is not fitted yet; call fit() or Predictor.load()")
@@ -106,8 +113,10 @@ class Predictor:
         state = self.run_dir.state()
         if state == UNSTARTED:
             # also a continueFrom run retried after dying before its first resume point: it
-            # starts over in its own run directory, not in a new path
-            log.info("%s holds a run that never saved a step; starting it over", self.path)
+            # starts over in its own run directory, not in a new path (and how a DDP fit's other
+            # ranks find the directory rank 0 has just set up)
+            if self.is_main_process:
+                log.info("%s holds a run that never saved a step; starting it over", self.path)
         elif state != EMPTY and continuing:
             log.info("continuing from the fitted weights of %s into a new path", self.path)
             self._run_dir = RunDirectory(_default_path())
@@ -142,9 +151,10 @@ class Predictor:
             "data_fingerprint": table_fingerprint(train_data), "created": now(),
             "continued": continuing,  # its starting weights are another predictor's, not checkpoint_name's
         }
-        save_assets(module, self.run_dir.path / "assets")
-        self.run_dir.write_metadata(self._metadata)
-        self.run_dir.update_status(phase="Pending", started=now())
+        if self.is_main_process:
+            save_assets(module, self.run_dir.path / "assets")
+            self.run_dir.write_metadata(self._metadata)
+            self.run_dir.update_status(phase="Pending", started=now())
         return self._train(train_data, tuning_data, time_limit, ckpt_path=None)
 
     def _fit_resumed(self, train_data, tuning_data, time_limit) -> "Predictor":
@@ -165,8 +175,9 @@ class Predictor:
             tuning_data = train_data.sample(frac=metadata["holdout_frac"], random_state=metadata["seed"])
             train_data = train_data.drop(tuning_data.index)
         if table_fingerprint(train_data) != metadata["data_fingerprint"]:
-            self.run_dir.warn("the training data differs from the data this run started with; "
-                              "the resumed run will not match an uninterrupted one")
+            (self.run_dir.warn if self.is_main_process else log.warning)(
+                "the training data differs from the data this run started with; "
+                "the resumed run will not match an uninterrupted one")
         ckpt_path = self.run_dir.find_resume_point()
         if ckpt_path is None:
             raise FileNotFoundError(
@@ -190,19 +201,27 @@ class Predictor:
         trainer = build_trainer(hp, self.run_dir, problem, accumulate=accumulate, time_limit=time_limit,
                                 progress_bar=self._progress_bar())
         module.train()  # predict/evaluate leave it in eval mode, and Lightning does not switch it back
-        trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None,
-                    weights_only=True)
-        if trainer.is_global_zero:
+        try:
+            trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None,
+                        weights_only=True)
             self._finish(trainer, val_loader)
+        finally:
+            end_processes(trainer)  # rank 0 of a DDP fit ends after the other ranks
         return self
 
     def _finish(self, trainer: pl.Trainer, val_loader: DataLoader) -> None:
-        """Records the trained state before the resume points go: a process killed anywhere in
-        here leaves a run directory that is either resumed or complete, never one that fails."""
+        """After the fit, in every process: the validation of a run stopped before its first one is
+        collective under DDP, so rank 0's finding is shared; the rest is rank 0's alone. The trained
+        state is recorded before the resume points go: a process killed anywhere in here leaves a
+        run directory that is either resumed or complete, never one that fails."""
         run_dir, module = self.run_dir, self._module
-        final = {"step": trainer.global_step, "sha256": state_fingerprint(module, trainer.optimizers)}
-        if not run_dir.has_best_model():  # stopped by the time limit before any validation
+        final = {"step": trainer.global_step, "sha256": state_fingerprint(module, trainer.optimizers)} \
+            if trainer.is_global_zero else None
+        never_validated = not run_dir.has_best_model() if trainer.is_global_zero else None
+        if trainer.strategy.broadcast(never_validated, src=0):  # stopped by the time limit before any validation
             trainer.validate(module, val_loader, verbose=False)
+        if not trainer.is_global_zero:
+            return  # another rank of a DDP fit: it ends here, writing nothing
         best = run_dir.load_best_model()
         module.load_state_dict(best["state_dict"])
         self.fit_summary = {"best_score": best["score"], "best_step": best["step"],

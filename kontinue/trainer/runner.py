@@ -24,6 +24,7 @@ from kontinue.storage import LocalStore, Store, open_store
 from kontinue.api.contract import PREEMPTED_EXIT_CODE, SUCCEEDED_EXIT_CODE, SUPERSEDED_EXIT_CODE
 from kontinue.trainer.callbacks import Preempted
 from kontinue.trainer.data import read_table
+from kontinue.trainer.fitting import process_rank
 from kontinue.trainer.ownership import Claimant, Superseded
 from kontinue.trainer.predictor import Predictor
 from kontinue.trainer.signals import STOP_REQUESTED
@@ -116,7 +117,8 @@ def _new_predictor(spec: TrainingRunSpec | TransferRunSpec, run_dir: RunDirector
     context = {}
     if isinstance(spec, TransferRunSpec):
         dump_uri, context["source_dumps"] = _source_dumps(spec, run_dir_uri, scratch)
-        run_dir.update_status(sourceDumpUri=dump_uri)
+        if not process_rank():
+            run_dir.update_status(sourceDumpUri=dump_uri)
     return Predictor(label=spec.task.label, problem_type=spec.task.problem_type, eval_metric=spec.task.eval_metric,
                      hyperparameters=spec.effective_hyperparameters(**context))
 
@@ -137,6 +139,8 @@ def run_training(run: TrainingRun | TransferRun, run_dir_uri: str, *, scratch: s
     after every write. The run's uid and attempt number come from the trainer pod's environment
     (RUN_UID_ENV, ATTEMPT_ENV); without them only the spec is checked against the directory."""
     scratch = Path(scratch or tempfile.mkdtemp(prefix="kontinue-"))
+    if process_rank():  # another rank of a DDP fit (the same command again): its own copies of remote files
+        scratch = scratch / f"rank-{process_rank()}"
     run_dir = open_run_directory(run_dir_uri, scratch / "run")
     run_dir.report = report
     try:
@@ -177,6 +181,8 @@ def _run_attempt(run: TrainingRun | TransferRun, run_dir: RunDirectory, run_dir_
             return _superseded(run_dir, run_dir.ownership.superseded)
         log.warning("stopped at step %d; the next attempt resumes there", stop.step)
         return _outcome(run_dir, "preempted", step=stop.step)
+    if not predictor.is_main_process:  # another rank of a DDP fit: rank 0 scores, dumps and reports the run
+        return _outcome(run_dir, "succeeded")
     return _last_steps(spec, run_dir, lambda: predictor)
 
 
