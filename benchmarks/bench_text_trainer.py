@@ -10,27 +10,62 @@ rows and the same batches (same order, same dynamic padding), on the CPU:
    plain fit in a second thread; only one of them computes at any moment). On a shared machine
    whose load changes by the second, that puts both under the same load; running them one after
    the other does not. Repeated --repeats times.
-2. The stall per periodic resume point: with `env.checkpoint_every_n_steps` set, the median step
-   on which last.ckpt is written against the median step that writes nothing, how long
-   `save_resume_point` itself blocked, where that time goes (serialising, the local sha256 + rename,
-   the upload), and the size of last.ckpt. For a local run directory and, unless --no-s3, for an S3
-   run directory on moto's standalone server at 127.0.0.1. Each checkpointing fit runs in lock-step
-   with a plain fit too, and the stall is also given against it: median over save steps of (kontinue
-   step - plain step on the same batch) minus the same median over steps without a save.
+2. The stall per periodic resume point, with `env.checkpoint_every_n_steps` set, for a local run
+   directory and (unless --no-s3) an S3 run directory on moto's ThreadedMotoServer at 127.0.0.1
+   (in a child process unless --moto-in-process), each in two modes:
+   - asynchronous: the code as it is. `Trainer.save_checkpoint` hands the state to
+     `ResumePointIO.save_checkpoint`, which copies it (the snapshot) and submits the write to the
+     `BackgroundWriter`; `RunDirectory.write_resume_point` then streams it into
+     checkpoints/step-N.ckpt (local: a temp file renamed into place; S3: a multipart upload) and
+     moves last.json, while training goes on.
+   - synchronous reference: the same code with every write waited for right after it is taken.
+     The benchmark wraps `ResumePointIO.save_checkpoint` so that it calls `self.writer.flush()`
+     after submitting: the step that takes a resume point lasts until the point is durable, which is
+     how the old blocking behaviour is reproduced on the new code path. (The older layout, a
+     scratch file copied or renamed into last.ckpt and uploaded in the step, is gone from the code;
+     its figures are in benchmarks/README.md.)
+   For each: the checkpoint's size; how long the loop was blocked in `Trainer.save_checkpoint`
+   (Lightning collecting the state + the snapshot in ResumePointIO.save_checkpoint [+ the wait,
+   synchronous only]); the background write from when the point was taken to when last.json named
+   it (queued, serialize + write/upload, last.json; then status.json and deleting older points) and
+   the writer thread's CPU time; and the stall per resume point, as seconds, as a multiple of the
+   median step, and as a share of wall time at the default interval (one point per
+   `env.checkpoint_every_n_minutes`, 5 minutes: stall / 300 s), each next to the issue's goal (a
+   stall within 1.5 median steps; under 2 % of wall time) and whether it is met.
+
+   The stall. Written in the background, a point does not make the step that takes it much longer,
+   but the writer thread (and the upload's threads) compete with training for the CPU until the
+   point is durable, so the steps after it are slower. The stall per resume point is therefore the
+   extra time of every step from the save until its write is done (Trainer.save_checkpoint called ->
+   write_resume_point returned): the sum over those steps of (step - median step that overlaps no
+   write). The checkpointing fits run in lock-step with a plain fit as well (load reference), and
+   the writer also runs during the plain steps in between, so the sum is over both loops' steps
+   (the plain steps' extra time against the plain median); a run on its own would lose about the
+   same time in its own steps. Writes that touch a common step are counted together and their extra
+   time shared. For the synchronous reference the window ends inside the step that took the point,
+   so this is the old "step with a save minus the median step". Also given against the lock-step
+   plain step, as before: the sum over the window's kontinue steps of (kontinue step - plain step
+   on the same batch) minus the median of that difference over steps that overlap no write. That
+   cancels the machine's load; for the asynchronous path it also cancels what the writer costs the
+   plain steps, so it counts mainly the loop's own part (the snapshot). A point whose window
+   touches an untimed step (train start with its step-0 point, warm-up, a validation or the fit's
+   end) is not counted; steps that overlap any write (also the best model's after a validation)
+   are not "normal" steps.
 
 Only training steps are timed. A step's time runs from one `on_train_batch_start` to the next, so it
-includes the forward, backward and optimizer step, every callback (a resume point written in
-`on_train_batch_end` falls inside the step that wrote it) and fetching and collating the next batch.
+includes the forward, backward and optimizer step, every callback (a resume point taken in
+`on_train_batch_end` falls inside the step that took it) and fetching and collating the next batch.
 The first --warmup steps and every step with a validation or an epoch boundary in it are left out.
 Model loading, tokenization and the rest of the set-up are not timed.
 
     python benchmarks/bench_text_trainer.py [--rows N] [--model PATH] [--steps N] [--repeats K]
+        [--checkpoint-every N] [--checkpoint-steps N] [--no-s3] [--moto-in-process]
 
 The benchmark reaches into the trainer where product code must not: while `Predictor.fit` runs it
 wraps `lightning.pytorch.Trainer.__init__` to append its timing callback, and it wraps
-`RunDirectory.save_resume_point`, `Trainer.save_checkpoint`, `LocalStore.adopt` and the S3 store's
-`put_file`/`move` to
-time the saves.
+`Trainer.save_checkpoint`, `ResumePointIO.save_checkpoint`, `BackgroundWriter.submit`,
+`RunDirectory.write_resume_point`, `Store.writer` and `Store.write_text` to time the resume points
+(and, for the synchronous reference, to wait for each write).
 """
 
 from __future__ import annotations
@@ -62,9 +97,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from kontinue.storage import LocalStore, S3Config, S3Store  # noqa: E402
+from kontinue.storage import S3Config, S3Store, Store  # noqa: E402
+from kontinue.trainer.checkpoint_io import BackgroundWriter, ResumePointIO  # noqa: E402
 from kontinue.trainer.predictor import Predictor  # noqa: E402
-from kontinue.trainer.rundir import LAST, RunDirectory, open_run_directory  # noqa: E402
+from kontinue.trainer.rundir import POINTER, RunDirectory, open_run_directory  # noqa: E402
 
 SEED = 0
 
@@ -138,14 +174,18 @@ class Lockstep:
 class StepTimer(pl.Callback):
     """Times each step from its on_train_batch_start to the next one; stops the fit when it has enough.
 
-    Added as the last callback, so a resume point written in ResumePoints.on_train_batch_end is
-    inside the step that wrote it. Steps with a validation or an epoch boundary in them and the
-    first `warmup` steps are not kept.
+    Added as the last callback, so a resume point taken in ResumePoints.on_train_batch_end is
+    inside the step that took it. Steps with a validation or an epoch boundary in them and the
+    first `warmup` steps are not kept. With `busy`, the fit goes on past `wanted` steps (up to `cap`
+    more) while busy() holds, so that a write in progress ends within timed steps.
     """
 
-    def __init__(self, warmup: int, wanted: int, lockstep: Lockstep | None = None, party: int = 0):
+    def __init__(self, warmup: int, wanted: int, lockstep: Lockstep | None = None, party: int = 0,
+                 busy: Callable[[], bool] | None = None, cap: int = 0):
         self.warmup, self.wanted = warmup, wanted
         self.lockstep, self.party = lockstep, party
+        self.busy, self.cap = busy, cap
+        self.enough = False
         self.batches = 0
         self.step_start: float | None = None
         self.dirty = False
@@ -165,6 +205,8 @@ class StepTimer(pl.Callback):
                 self.excluded += 1
             else:
                 self.steps.append((self.batches, self.step_start, now))
+        self.enough = len(self.steps) >= self.wanted and (
+            self.busy is None or len(self.steps) >= self.wanted + self.cap or not self.busy())
         self.dirty = False
         self.batches += 1
         if self.lockstep is not None:
@@ -175,7 +217,7 @@ class StepTimer(pl.Callback):
         self.step_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if len(self.steps) >= self.wanted or (self.lockstep is not None and self.lockstep.closed):
+        if self.enough or (self.lockstep is not None and self.lockstep.closed):
             trainer.should_stop = True
 
     def _leave(self) -> None:
@@ -191,63 +233,188 @@ class StepTimer(pl.Callback):
 
 @dataclass
 class SaveRecord:
-    start: float
+    """One resume point: taken in the training loop, then written by the background writer."""
+
+    key: str
     step: int
-    end: float = 0.0
+    taken: float  # Trainer.save_checkpoint called
+    synchronous: bool = False  # the synchronous reference: the step waited until the point was durable
+    returned: float = 0.0  # Trainer.save_checkpoint returned: the loop goes on
+    snapshot: float = 0.0  # inside ResumePointIO.save_checkpoint: the copy of the state, handed to the writer
+    waited: float = 0.0  # the synchronous reference only: waiting in the step for the write (writer.flush)
+    write_start: float = 0.0  # the writer thread starts RunDirectory.write_resume_point
+    streamed: float = 0.0  # the object and its sha256 are stored (serialised and written / uploaded)
+    durable: float = 0.0  # last.json names it
+    write_end: float = 0.0  # write_resume_point returned (status.json updated, older points deleted)
+    writer_cpu: float = 0.0  # CPU time of the writer thread in write_resume_point (not the upload's threads)
+    server_cpu: float | None = None  # CPU time of moto's server process meanwhile (S3, child process only)
     size: int = 0
-    phases: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def blocked(self) -> float:
+        """How long the training loop waited in Trainer.save_checkpoint."""
+        return self.returned - self.taken
+
+    @property
+    def written(self) -> bool:
+        return self.write_end > 0
+
+    @property
+    def end(self) -> float:
+        """Until when the point occupies the machine: written, or the loop's part only (superseded)."""
+        return self.write_end if self.written else self.returned
+
+
+MOTO_SERVER: dict[str, int | None] = {"pid": None}  # moto's child process while it runs
+
+
+def process_cpu(pid: int | None) -> float | None:
+    """User + system CPU seconds of a process so far (Linux /proc), None where unknown."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@dataclass
+class BackgroundJob:
+    """Any write handed to the BackgroundWriter (resume points, the best model)."""
+
+    what: str
+    submitted: float
+    start: float = 0.0
+    end: float = 0.0
+    resume_point: bool = False  # it ran RunDirectory.write_resume_point
 
 
 class SaveProbe:
-    """Times every RunDirectory.save_resume_point and its parts while installed."""
+    """Times every resume point, in the loop and in the background writer, while installed.
 
-    def __init__(self) -> None:
+    For a synchronous point, ResumePointIO.save_checkpoint also waits for the write it handed over
+    (`self.writer.flush()` after submitting): the old blocking behaviour, on the new code path.
+    `alternate`: the resume points a fit takes are asynchronous and synchronous in turn (the
+    step-0 point at train start asynchronous, then the first periodic point, then a synchronous
+    one, ...), so both modes run under the same load, interleaved.
+    """
+
+    def __init__(self, alternate: bool = False) -> None:
+        self.alternate = alternate
         self.saves: list[SaveRecord] = []
-        self._current: SaveRecord | None = None
+        self.jobs: list[BackgroundJob] = []
+        self._by_key: dict[str, SaveRecord] = {}
+        self._thread = threading.local()  # the record the writer thread works on
 
-    def _timed(self, phase: str, function: Callable) -> Callable:
-        probe = self
-
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                if probe._current is not None:
-                    probe._current.phases[phase] = probe._current.phases.get(phase, 0.0) + time.perf_counter() - start
-        return wrapper
+    def busy(self) -> bool:
+        """A background write is in progress or waiting."""
+        if any(job.start and not job.end for job in self.jobs):
+            return True
+        return bool(self.jobs) and not self.jobs[-1].start  # the newest is still queued
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["SaveProbe"]:
         probe = self
-        original_save = RunDirectory.save_resume_point
+        original_trainer_save = pl.Trainer.save_checkpoint
+        original_io_save = ResumePointIO.save_checkpoint
+        original_write = RunDirectory.write_resume_point
+        original_submit = BackgroundWriter.submit
+        original_writer = Store.writer
+        original_write_text = Store.write_text
 
-        def save_resume_point(run_dir, trainer):
-            probe._current = record = SaveRecord(time.perf_counter(), trainer.global_step)
+        def trainer_save_checkpoint(trainer, filepath, *args, **kwargs):
+            key = str(filepath)
+            record = SaveRecord(key, trainer.global_step, time.perf_counter(),
+                                synchronous=probe.alternate and len(probe.saves) % 2 == 0 and bool(probe.saves))
+            probe._by_key[key] = record
+            probe.saves.append(record)
             try:
-                return original_save(run_dir, trainer)
+                return original_trainer_save(trainer, filepath, *args, **kwargs)
             finally:
-                record.end = time.perf_counter()
-                probe._current = None
-                last = run_dir.path / LAST
-                record.size = last.stat().st_size if last.exists() else 0
-                probe.saves.append(record)
+                record.returned = time.perf_counter()
+
+        def io_save_checkpoint(plugin, checkpoint, path, *args, **kwargs):
+            record = probe._by_key.get(str(path))
+            start = time.perf_counter()
+            try:
+                original_io_save(plugin, checkpoint, path, *args, **kwargs)
+            finally:
+                if record is not None:
+                    record.snapshot = time.perf_counter() - start
+            if record is not None and record.synchronous:  # the reference: the step waits until it is durable
+                start = time.perf_counter()
+                plugin.writer.flush()
+                record.waited = time.perf_counter() - start
+
+        def write_resume_point(run_dir, checkpoint, key, *args, **kwargs):
+            record = probe._by_key.get(str(key))
+            probe._thread.record, probe._thread.ran_resume_point = record, True
+            if record is not None:
+                record.write_start = time.perf_counter()
+            cpu, server = time.thread_time(), process_cpu(MOTO_SERVER["pid"])
+            try:
+                point = original_write(run_dir, checkpoint, key, *args, **kwargs)
+                if record is not None and isinstance(point, dict):
+                    record.size = int(point.get("size") or 0)
+                return point
+            finally:
+                probe._thread.record = None
+                if record is not None:
+                    record.write_end = time.perf_counter()
+                    record.writer_cpu = time.thread_time() - cpu
+                    if server is not None and (now := process_cpu(MOTO_SERVER["pid"])) is not None:
+                        record.server_cpu = now - server
+
+        def submit(writer, write, what, *args, **kwargs):
+            job = BackgroundJob(str(what), time.perf_counter())
+            probe.jobs.append(job)
+
+            def timed_write():
+                job.start = time.perf_counter()
+                probe._thread.ran_resume_point = False
+                try:
+                    return write()
+                finally:
+                    job.end = time.perf_counter()
+                    job.resume_point = probe._thread.ran_resume_point
+
+            return original_submit(writer, timed_write, what, *args, **kwargs)
+
+        @contextlib.contextmanager
+        def writer(store, key, *args, **kwargs):
+            with original_writer(store, key, *args, **kwargs) as out:
+                yield out
+            record = getattr(probe._thread, "record", None)
+            if record is not None and key == record.key:
+                record.streamed = time.perf_counter()
+
+        def write_text(store, key, *args, **kwargs):
+            result = original_write_text(store, key, *args, **kwargs)
+            record = getattr(probe._thread, "record", None)
+            if record is not None and key == POINTER:
+                record.durable = time.perf_counter()
+            return result
 
         replacements = {
-            (RunDirectory, "save_resume_point"): save_resume_point,
-            (pl.Trainer, "save_checkpoint"): self._timed("serialize", pl.Trainer.save_checkpoint),
-            (LocalStore, "adopt"): self._timed("local sha256+rename", LocalStore.adopt),
-            (S3Store, "move"): self._timed("s3 last->previous", S3Store.move),
-            (S3Store, "put_file"): self._timed("s3 upload", S3Store.put_file),
+            (pl.Trainer, "save_checkpoint"): trainer_save_checkpoint,
+            (ResumePointIO, "save_checkpoint"): io_save_checkpoint,
+            (RunDirectory, "write_resume_point"): write_resume_point,
+            (BackgroundWriter, "submit"): submit,
+            (Store, "writer"): writer,
+            (Store, "write_text"): write_text,
         }
-        originals = {(owner, name): getattr(owner, name) for owner, name in replacements}
+        originals = {(owner, name): owner.__dict__.get(name) for owner, name in replacements}
         for (owner, name), function in replacements.items():
             setattr(owner, name, function)
         try:
             yield self
         finally:
             for (owner, name), function in originals.items():
-                setattr(owner, name, function)
+                if function is None:  # it was inherited
+                    delattr(owner, name)
+                else:
+                    setattr(owner, name, function)
 
 
 @contextlib.contextmanager
@@ -339,6 +506,7 @@ class RunResult:
     wall: float  # the whole fit() call: set-up, validations and tear-down included
     excluded: int
     saves: list[SaveRecord] = field(default_factory=list)
+    jobs: list[BackgroundJob] = field(default_factory=list)
 
     @property
     def durations(self) -> list[float]:
@@ -363,9 +531,14 @@ def best_of(runs: list[RunResult]) -> dict[int, float]:
     return best
 
 
+def _extra_steps(args) -> int:
+    """How far a checkpointing fit may go past its steps for a write to end within timed steps."""
+    return 2 * args.checkpoint_every
+
+
 def _step_cap(args) -> int:
     """A fallback limit; the timer normally stops the fit once it has its steps."""
-    return args.warmup + 2 * max(args.steps, args.checkpoint_steps) + 10
+    return args.warmup + 2 * max(args.steps, args.checkpoint_steps) + _extra_steps(args) + 10
 
 
 def run_plain(args, train: pd.DataFrame, timer: StepTimer) -> RunResult:
@@ -407,26 +580,32 @@ def kontinue_hyperparameters(args, checkpoint_every: int | None) -> dict[str, An
 
 
 def run_kontinue(args, train: pd.DataFrame, tuning: pd.DataFrame, workdir: Path, name: str, timer: StepTimer,
-                 checkpoint_every: int | None = None, run_dir: RunDirectory | None = None) -> RunResult:
+                 checkpoint_every: int | None = None, run_dir: RunDirectory | None = None,
+                 probe: SaveProbe | None = None) -> RunResult:
     predictor = Predictor(label="label", hyperparameters=kontinue_hyperparameters(args, checkpoint_every),
                           path=None if run_dir else workdir / name, run_dir=run_dir,
                           verbosity=0, enable_progress_bar=False)
-    probe = SaveProbe()
+    probe = probe or SaveProbe()
     start = time.perf_counter()
     try:
         with trainer_callback(timer), probe.installed():
             predictor.fit(train, tuning_data=tuning, seed=SEED)
     finally:
         timer._leave()
-    return RunResult(name, timer.steps, args.batch_size, time.perf_counter() - start, timer.excluded, probe.saves)
+    return RunResult(name, timer.steps, args.batch_size, time.perf_counter() - start, timer.excluded, probe.saves,
+                     probe.jobs)
 
 
 def run_pair(args, train: pd.DataFrame, tuning: pd.DataFrame, workdir: Path, name: str, steps: int,
-             checkpoint_every: int | None = None, run_dir: RunDirectory | None = None) -> tuple[RunResult, RunResult]:
-    """kontinue (this thread: its SIGTERM handling needs the main thread) and plain, in lock-step."""
+             checkpoint_every: int | None = None, run_dir: RunDirectory | None = None,
+             probe: SaveProbe | None = None) -> tuple[RunResult, RunResult]:
+    """kontinue (this thread: its SIGTERM handling needs the main thread) and plain, in lock-step.
+    With a probe, the kontinue fit goes on past `steps` while a write is in progress (up to
+    _extra_steps more), and the plain fit follows it."""
     lockstep = Lockstep(2)
-    kontinue_timer = StepTimer(args.warmup, steps, lockstep, party=0)
-    plain_timer = StepTimer(args.warmup, steps, lockstep, party=1)
+    extra = _extra_steps(args) if probe is not None else 0
+    kontinue_timer = StepTimer(args.warmup, steps, lockstep, party=0, busy=probe.busy if probe else None, cap=extra)
+    plain_timer = StepTimer(args.warmup, steps + extra + 1 if probe else steps, lockstep, party=1)
     outcome: dict[str, Any] = {}
 
     def plain_thread() -> None:
@@ -440,7 +619,8 @@ def run_pair(args, train: pd.DataFrame, tuning: pd.DataFrame, workdir: Path, nam
     thread = threading.Thread(target=plain_thread, name="plain-lightning", daemon=True)
     thread.start()
     try:
-        kontinue = run_kontinue(args, train, tuning, workdir, name, kontinue_timer, checkpoint_every, run_dir)
+        kontinue = run_kontinue(args, train, tuning, workdir, name, kontinue_timer, checkpoint_every, run_dir,
+                                probe)
     finally:
         thread.join()
     if "error" in outcome:
@@ -449,69 +629,195 @@ def run_pair(args, train: pd.DataFrame, tuning: pd.DataFrame, workdir: Path, nam
 
 
 # -- the checkpoint stall ------------------------------------------------------------------------------
+Step = tuple[int, float, float]  # (batch number, start, end)
+
+
+def _overlaps(step: Step, start: float, end: float) -> bool:
+    return step[1] < end and step[2] > start
+
+
+@dataclass
+class Window:
+    """A stretch of time during which a resume point (or another background write) was in progress:
+    from Trainer.save_checkpoint to the end of its write_resume_point (or of the job)."""
+
+    start: float
+    end: float
+    save: SaveRecord | None  # None: another background write (the best model after a validation)
+
+
+@dataclass
+class Cluster:
+    """Windows that touch a common step are counted together: their steps' extra time is shared."""
+
+    windows: list[Window]
+    kontinue: list[Step]  # the kontinue steps that overlap a window
+    plain: list[Step]  # the plain steps (run in lock-step, in between) that overlap one
+    complete: bool  # every step the windows touch was timed, and no other background write is in it
+
+    @property
+    def saves(self) -> list[SaveRecord]:
+        return [window.save for window in self.windows if window.save is not None]
+
+
+def clusters_of(result: RunResult, plain: RunResult) -> tuple[list[Cluster], list[Step], list[Step]]:
+    """The windows of every resume point and background write, grouped; and the steps of each loop
+    that overlap none (the "normal" steps)."""
+    windows = [Window(save.taken, save.end, save) for save in result.saves]
+    windows += [Window(job.submitted, job.end or job.submitted, None) for job in result.jobs
+                if not job.resume_point and job.start]
+    windows.sort(key=lambda window: window.start)
+    steps = result.steps + plain.steps
+
+    def reach(window: Window) -> tuple[float, float]:
+        touched = [step for step in steps if _overlaps(step, window.start, window.end)]
+        return (min([window.start, *(step[1] for step in touched)]),
+                max([window.end, *(step[2] for step in touched)]))
+
+    groups: list[tuple[list[Window], float]] = []
+    for window in windows:
+        start, end = reach(window)
+        if groups and start < groups[-1][1]:
+            groups[-1] = (groups[-1][0] + [window], max(groups[-1][1], end))
+        else:
+            groups.append(([window], end))
+    last_timed = max((step[2] for step in steps), default=0.0)
+    clusters = []
+    for group, _ in groups:
+        inside = lambda step: any(_overlaps(step, window.start, window.end) for window in group)  # noqa: E731
+        kontinue = [step for step in result.steps if inside(step)]
+        plain_steps = [step for step in plain.steps if inside(step)]
+        saves = [window.save for window in group if window.save is not None]
+        complete = (
+            bool(saves) and all(window.save is not None for window in group)
+            and all(any(step[1] <= save.taken < step[2] for step in result.steps) for save in saves)
+            and max(window.end for window in group) <= last_timed
+            and all(_contiguous(part) for part in (kontinue, plain_steps)))
+        clusters.append(Cluster(group, kontinue, plain_steps, complete))
+    busy = [cluster for cluster in clusters]
+    normal_kontinue = [step for step in result.steps if not any(step in cluster.kontinue for cluster in busy)]
+    normal_plain = [step for step in plain.steps if not any(step in cluster.plain for cluster in busy)]
+    return clusters, normal_kontinue, normal_plain
+
+
+def _contiguous(steps: list[Step]) -> bool:
+    numbers = sorted(number for number, _, _ in steps)
+    return numbers == list(range(numbers[0], numbers[0] + len(numbers))) if numbers else True
+
+
+ASYNC, SYNC = "asynchronous", "synchronous reference"
+
+
 @dataclass
 class Stall:
     where: str
+    mode: str  # ASYNC | SYNC
     every: int
-    normal: list[float]
-    saving: list[float]
-    saves: list[SaveRecord]
-    outside: int  # saves in no timed step: at train start, in warm-up, after a validation
-    paired_normal: list[float]  # kontinue step minus the plain step of the same batch, taken just after it
-    paired_saving: list[float]
+    median_normal: float  # kontinue's median step that overlaps no write
+    median_plain: float
+    normal: int  # how many such steps
+    per_point: list[float]  # the stall of each counted resume point: both loops' extra time while it was in progress
+    per_point_kontinue: list[float]  # the kontinue steps' share of it
+    per_point_paired: list[float]  # kontinue steps against the plain step on the same batch
+    steps_until_durable: list[int]  # kontinue steps the window spanned
+    saving_steps: list[float]  # the step that took the point
+    saves: list[SaveRecord]  # every point of this mode
+    counted: int  # points in complete clusters of this mode alone
 
-    @property
-    def median_normal(self) -> float:
-        return statistics.median(self.normal) if self.normal else float("nan")
-
-    @property
-    def median_saving(self) -> float:
-        return statistics.median(self.saving) if self.saving else float("nan")
+    @staticmethod
+    def _median(values: list[float]) -> float:
+        return statistics.median(values) if values else float("nan")
 
     @property
     def stall(self) -> float:
-        return self.median_saving - self.median_normal
+        return self._median(self.per_point)
+
+    @property
+    def stall_kontinue(self) -> float:
+        return self._median(self.per_point_kontinue)
 
     @property
     def paired_stall(self) -> float:
-        if not (self.paired_normal and self.paired_saving):
-            return float("nan")
-        return statistics.median(self.paired_saving) - statistics.median(self.paired_normal)
+        return self._median(self.per_point_paired)
 
     @property
     def size_mb(self) -> float:
         sizes = [save.size for save in self.saves if save.size]
         return max(sizes) / 1e6 if sizes else float("nan")
 
-    def phase(self, name: str) -> float:
-        values = [save.phases.get(name, 0.0) for save in self.saves]
-        return statistics.median(values) if values else float("nan")
-
-    @property
-    def median_save(self) -> float:
-        return statistics.median(save.end - save.start for save in self.saves) if self.saves else float("nan")
+    def median_of(self, value: Callable[[SaveRecord], float]) -> float:
+        return self._median([value(save) for save in self.saves if save.written])
 
 
-def stall_of(result: RunResult, plain: RunResult, where: str, every: int) -> Stall:
-    normal, saving, paired_normal, paired_saving, in_steps = [], [], [], [], set()
-    plain_steps = {number: end - start for number, start, end in plain.steps}
-    for number, start, end in result.steps:
-        hits = [index for index, save in enumerate(result.saves) if start <= save.start < end]
-        (saving if hits else normal).append(end - start)
-        if number in plain_steps:
-            (paired_saving if hits else paired_normal).append(end - start - plain_steps[number])
-        in_steps.update(hits)
-    return Stall(where, every, normal, saving, result.saves, len(result.saves) - len(in_steps),
-                 paired_normal, paired_saving)
+def stalls_of(result: RunResult, plain: RunResult, where: str, every: int) -> list[Stall]:
+    """The stall of the fit's asynchronous points and of its synchronous ones, if it took any."""
+    clusters, normal, normal_plain = clusters_of(result, plain)
+    median_k = statistics.median(end - start for _, start, end in normal) if normal else float("nan")
+    median_p = statistics.median(end - start for _, start, end in normal_plain) if normal_plain else float("nan")
+    plain_by_batch = {number: end - start for number, start, end in plain.steps}
+    paired_normal = [end - start - plain_by_batch[number] for number, start, end in normal if number in plain_by_batch]
+    median_paired = statistics.median(paired_normal) if paired_normal else float("nan")
+    stalls = []
+    for mode in (ASYNC, SYNC):
+        synchronous = mode == SYNC
+        saves = [save for save in result.saves if save.synchronous == synchronous]
+        if not saves:
+            continue
+        per_point, per_kontinue, per_paired, spans, saving = [], [], [], [], []
+        counted = 0
+        for cluster in clusters:
+            if not cluster.complete or any(save.synchronous != synchronous for save in cluster.saves):
+                continue
+            count = len(cluster.saves)
+            counted += count
+            extra_k = sum(end - start - median_k for _, start, end in cluster.kontinue)
+            extra_p = sum(end - start - median_p for _, start, end in cluster.plain)
+            paired = [end - start - plain_by_batch[number] - median_paired
+                      for number, start, end in cluster.kontinue if number in plain_by_batch]
+            per_point.append((extra_k + extra_p) / count)
+            per_kontinue.append(extra_k / count)
+            if len(paired) == len(cluster.kontinue):
+                per_paired.append(sum(paired) / count)
+            spans.append(len(cluster.kontinue))
+            saving += [end - start for _, start, end in cluster.kontinue
+                       if any(start <= save.taken < end for save in cluster.saves)]
+        stalls.append(Stall(where, mode, every, median_k, median_p, len(normal), per_point, per_kontinue, per_paired,
+                            spans, saving, saves, counted))
+    return stalls
+
+
+MOTO_CHILD = """
+import logging, sys
+from moto.server import ThreadedMotoServer
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+print("%s %d" % server.get_host_and_port(), flush=True)
+sys.stdin.read()  # until the benchmark closes our stdin
+server.stop()
+"""
 
 
 @contextlib.contextmanager
-def moto_s3() -> Iterator[None]:
-    from moto.server import ThreadedMotoServer
+def moto_s3(in_process: bool = False) -> Iterator[None]:
+    """moto's ThreadedMotoServer at 127.0.0.1, in a child process (by default: its request handling
+    then does not take the training loop's GIL, as a real S3 endpoint would not; it still shares
+    the machine's cores) or in this process (as the benchmark did before resume points moved to the
+    background)."""
+    import subprocess
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    child, server = None, None
+    if in_process:
+        from moto.server import ThreadedMotoServer
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+    else:
+        child = subprocess.Popen([sys.executable, "-c", MOTO_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True)
+        host, port = child.stdout.readline().split()
+        MOTO_SERVER["pid"] = child.pid
     environ = {"KONTINUE_S3_ENDPOINT": f"http://{host}:{port}", "KONTINUE_S3_ACCESS_KEY": "bench-access",
                "KONTINUE_S3_SECRET_KEY": "bench-secret-value", "KONTINUE_S3_REGION": "us-east-1"}
     saved = {name: os.environ.get(name) for name in environ}
@@ -524,19 +830,31 @@ def moto_s3() -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        server.stop()
+        if server is not None:
+            server.stop()
+        if child is not None:
+            MOTO_SERVER["pid"] = None
+            child.stdin.close()
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
 
 
 def run_checkpointing(args, train, tuning, workdir: Path, s3: bool) -> tuple[RunResult, RunResult]:
-    """A checkpointing kontinue fit, in lock-step with a plain fit as the reference for the load."""
+    """A checkpointing kontinue fit whose resume points are asynchronous and synchronous in turn, in
+    lock-step with a plain fit as the reference for the load."""
+    name = "s3" if s3 else "local"
+    probe = SaveProbe(alternate=True)
     if not s3:
-        return run_pair(args, train, tuning, workdir, "checkpointing", args.checkpoint_steps,
-                        checkpoint_every=args.checkpoint_every)
-    with moto_s3():
+        return run_pair(args, train, tuning, workdir, name, args.checkpoint_steps,
+                        checkpoint_every=args.checkpoint_every, probe=probe)
+    with moto_s3(args.moto_in_process):
         S3Store(S3Config.from_environ(), "kontinue-bench").ensure_bucket()
-        run_dir = open_run_directory("s3://kontinue-bench/runs/bench", scratch=workdir / "s3-scratch")
-        return run_pair(args, train, tuning, workdir, "s3", args.checkpoint_steps,
-                        checkpoint_every=args.checkpoint_every, run_dir=run_dir)
+        run_dir = open_run_directory(f"s3://kontinue-bench/runs/{name}", scratch=workdir / f"{name}-scratch")
+        return run_pair(args, train, tuning, workdir, name, args.checkpoint_steps,
+                        checkpoint_every=args.checkpoint_every, run_dir=run_dir, probe=probe)
 
 
 # -- report ----------------------------------------------------------------------------------------------
@@ -547,10 +865,105 @@ def describe_machine() -> str:
             f"({torch.get_num_threads()} threads), lightning {pl.__version__}, python {platform.python_version()}")
 
 
+GOAL_STEPS = 1.5  # the issue's goals: a stall within 1.5 median steps ...
+GOAL_WALL_SHARE = 0.02  # ... and under 2 % of wall time at the default interval
+
+
+def default_interval_seconds() -> float:
+    """env.checkpoint_every_n_minutes's default, in seconds (5 minutes when this was written)."""
+    try:
+        from kontinue.api.hyperparameters import HYPERPARAMETERS
+
+        return float(HYPERPARAMETERS["env.checkpoint_every_n_minutes"].default) * 60
+    except (ImportError, KeyError, TypeError, ValueError, AttributeError):
+        return 300.0
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def _goals(stall: Stall, interval: float) -> tuple[float, float, bool, bool]:
+    steps = stall.stall / stall.median_normal
+    share = stall.stall / interval
+    return steps, share, steps <= GOAL_STEPS, share < GOAL_WALL_SHARE
+
+
+def stall_rows(stalls: list[Stall], interval: float) -> list[tuple[str, str]]:
+    """One fit's figures, its asynchronous and synchronous points side by side."""
+    width = 34
+
+    def row(label: str, cell: Callable[[Stall], str]) -> tuple[str, str]:
+        return label, "".join(f"{cell(stall):<{width}}" for stall in stalls).rstrip()
+
+    def seconds(value: Callable[[SaveRecord], float]) -> Callable[[Stall], str]:
+        return lambda stall: f"{stall.median_of(value):.3f} s"
+
+    handover = lambda save: save.taken + save.blocked - save.waited  # noqa: E731 -- the loop let go of the state
+    first = stalls[0]
+    written = lambda stall: [save for save in stall.saves if save.written]  # noqa: E731
+    rows = [
+        (f"resume point every {first.every} steps, {first.where}: one fit (lock-step with plain), its points "
+         "asynchronous and synchronous in turn", ""),
+        row("", lambda stall: stall.mode),
+        ("checkpoint size", f"{first.size_mb:.1f} MB"),
+        ("median step, no write in progress", f"{first.median_normal:.3f} s ({first.normal} steps); plain "
+                                              f"{first.median_plain:.3f} s"),
+        row("median step that took the point",
+            lambda stall: f"{Stall._median(stall.saving_steps):.3f} s ({len(stall.saving_steps)} steps)"),
+        row("loop blocked in save_checkpoint",
+            lambda stall: f"{stall.median_of(lambda save: save.blocked):.3f} s (median of {len(written(stall))})"),
+        row("  Lightning collecting the state", seconds(lambda save: save.blocked - save.snapshot - save.waited)),
+        row("  the snapshot (ResumePointIO)", seconds(lambda save: save.snapshot)),
+        row("  waiting for the write", lambda stall: f"{stall.median_of(lambda save: save.waited):.3f} s"
+            if stall.mode == SYNC else "-"),
+        row("taken -> durable (last.json)", seconds(lambda save: save.durable - save.taken)),
+        row("  in the loop before hand-over", seconds(lambda save: handover(save) - save.taken)),
+        row("  queued behind another write", seconds(lambda save: max(0.0, save.write_start - handover(save)))),
+        row("  serialize + " + ("upload" if first.where.startswith("s3") else "write"),
+            seconds(lambda save: save.streamed - save.write_start)),
+        row("  last.json", seconds(lambda save: save.durable - save.streamed)),
+        row("then status.json, old points deleted", seconds(lambda save: save.write_end - save.durable)),
+        row("writer thread's CPU time", seconds(lambda save: save.writer_cpu)),
+    ]
+    if any(save.server_cpu is not None for stall in stalls for save in stall.saves):
+        rows.append(row("moto server's CPU time meanwhile", seconds(lambda save: save.server_cpu or 0.0)))
+    rows += [
+        row("kontinue steps until written", lambda stall: ", ".join(map(str, stall.steps_until_durable)) or "-"),
+    ]
+    goals = {id(stall): _goals(stall, interval) for stall in stalls}
+    rows += [
+        row("stall per resume point", lambda stall: f"{stall.stall:.3f} s = {goals[id(stall)][0]:.2f} steps"),
+        row(f"  goal <= {GOAL_STEPS} median steps", lambda stall: _met(goals[id(stall)][2])),
+        row(f"  share of wall time, 1 per {interval / 60:g} min", lambda stall: f"{100 * goals[id(stall)][1]:.2f} %"),
+        row(f"  goal < {100 * GOAL_WALL_SHARE:g} %", lambda stall: _met(goals[id(stall)][3])),
+        row("  per point", lambda stall: ", ".join(f"{value:.2f}" for value in stall.per_point) + " s"),
+        row("  kontinue's steps + plain steps", lambda stall: f"{stall.stall_kontinue:.3f} + "
+                                                              f"{stall.stall - stall.stall_kontinue:.3f} s"),
+        row("against the plain step (kontinue's)", lambda stall: f"{stall.paired_stall:.3f} s = "
+                                                                 f"{stall.paired_stall / stall.median_normal:.2f} steps"),
+        row("points counted", lambda stall: f"{stall.counted} of {len(stall.saves)}"
+            + (f" ({len(stall.saves) - len(written(stall))} superseded)" if len(written(stall)) < len(stall.saves)
+               else "")),
+    ]
+    return rows
+
+
+def print_summary(stalls: list[Stall], interval: float) -> None:
+    print(f"\nstall per resume point: goals <= {GOAL_STEPS} median steps and < {100 * GOAL_WALL_SHARE:g} % of wall "
+          f"time at one point per {interval / 60:g} min")
+    print(f"  {'where':<24} {'mode':<22} {'stall':>8} {'steps':>6} {'share':>7}  goals")
+    for stall in stalls:
+        steps, share, steps_ok, share_ok = _goals(stall, interval)
+        verdict = "met" if steps_ok and share_ok else "NOT met (" + ", ".join(
+            name for name, ok in (("steps", steps_ok), ("share", share_ok)) if not ok) + ")"
+        print(f"  {stall.where:<24} {stall.mode:<22} {stall.stall:7.3f}s {steps:6.2f} {100 * share:6.2f}%  {verdict}")
+
+
 def print_table(rows: list[tuple[str, str]]) -> None:
     width = max(len(label) for label, value in rows if value)
     for label, value in rows:
-        print(f"  {label:<{width}}  {value}" if value else label)
+        print(f"  {label:<{width}}  {value}".rstrip() if value else label)
 
 
 def quiet() -> None:
@@ -566,21 +979,24 @@ def quiet() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=320, help="training rows (Rotten Tomatoes sentences)")
+    parser.add_argument("--rows", type=int, default=1024, help="training rows (Rotten Tomatoes sentences)")
     parser.add_argument("--tuning-rows", type=int, default=64, help="validation rows for kontinue (not timed)")
     parser.add_argument("--model", default=None, help="a local transformers directory (default: MiniLM-L6)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per throughput run")
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per throughput run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of every run")
     parser.add_argument("--repeats", type=int, default=2, help="lock-step kontinue/plain pairs")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--checkpoint-every", type=int, default=5, help="env.checkpoint_every_n_steps")
-    parser.add_argument("--checkpoint-steps", type=int, default=15,
-                        help="timed steps of each checkpointing run")
+    parser.add_argument("--checkpoint-every", type=int, default=8, help="env.checkpoint_every_n_steps")
+    parser.add_argument("--checkpoint-steps", type=int, default=45,
+                        help="timed steps of each checkpointing fit (local, S3); it goes on while a write is in "
+                             "progress, up to 2 x --checkpoint-every more")
     parser.add_argument("--max-text-len", type=int, default=512)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--weight-decay", type=float, default=1e-3)
     parser.add_argument("--gradient-clip-val", type=float, default=1.0, help="in both loops (kontinue's default)")
-    parser.add_argument("--no-s3", action="store_true", help="skip the S3 (moto) checkpoint run")
+    parser.add_argument("--no-s3", action="store_true", help="skip the S3 (moto) checkpoint runs")
+    parser.add_argument("--moto-in-process", action="store_true",
+                        help="run moto's server in the benchmark's process (as before), not in a child process")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
     for name in ("steps", "repeats", "batch_size", "checkpoint_every", "checkpoint_steps"):
@@ -604,7 +1020,7 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
 
     pairs: list[tuple[RunResult, RunResult]] = []
-    stalls: list[Stall] = []
+    stalls: list[list[Stall]] = []  # per run directory: its asynchronous and synchronous points
     with tempfile.TemporaryDirectory(prefix="kontinue-bench-") as scratch:
         workdir = Path(scratch)
         for repeat in range(args.repeats):
@@ -617,15 +1033,17 @@ def main(argv: list[str] | None = None) -> int:
         for s3 in (False, True):
             if s3 and args.no_s3:
                 continue
-            where = "s3 (moto server, 127.0.0.1)" if s3 else "local disk"
+            where = f"s3 (moto, {'same' if args.moto_in_process else 'own'} process)" if s3 else "local disk"
             try:
                 result, plain = run_checkpointing(args, train, tuning, workdir, s3)
             except ImportError as error:
                 print(f"  checkpointing, {where}: skipped ({error})")
                 continue
-            stalls.append(stall_of(result, plain, where, args.checkpoint_every))
+            fit = stalls_of(result, plain, where, args.checkpoint_every)
+            stalls.append(fit)
             print(f"  checkpointing, {where} (lock-step with plain): {len(result.saves)} resume points, median "
-                  f"step {result.median_step:.3f} s (plain {plain.median_step:.3f} s)", flush=True)
+                  f"step {result.median_step:.3f} s over {len(result.durations)} steps (plain {plain.median_step:.3f} "
+                  f"s), fit {result.wall:.0f} s", flush=True)
 
     kontinue_runs, plain_runs = [k for k, _ in pairs], [p for _, p in pairs]
     plain_tp = statistics.median(run.throughput for run in plain_runs)
@@ -649,25 +1067,12 @@ def main(argv: list[str] | None = None) -> int:
         (f"best of {args.repeats} per step", f"plain {plain_best_tp:.1f}, kontinue {kontinue_best_tp:.1f} samples/s, "
                                              f"ratio {kontinue_best_tp / plain_best_tp:.3f}"),
     ]
-    for stall in stalls:
-        parts = ["serialize", "local sha256+rename"] + (["s3 last->previous", "s3 upload"]
-                                                       if stall.where.startswith("s3") else [])
-        rows += [
-            (f"resume point every {stall.every} steps, {stall.where}", ""),
-            ("last.ckpt size", f"{stall.size_mb:.1f} MB"),
-            ("median step without a save", f"{stall.median_normal:.3f} s ({len(stall.normal)} steps)"),
-            ("median step with a save", f"{stall.median_saving:.3f} s ({len(stall.saving)} steps)"),
-            ("stall per checkpoint", f"{stall.stall:.3f} s = {stall.stall / stall.median_normal:.2f} median steps"),
-            ("same, against the plain step", f"{stall.paired_stall:.3f} s = "
-                                             f"{stall.paired_stall / stall.median_normal:.2f} median steps"),
-            ("save_resume_point itself", f"{stall.median_save:.3f} s median of {len(stall.saves)} = "
-                                         + " + ".join(f"{part} {stall.phase(part):.3f}" for part in parts)
-                                         + " + status"),
-        ]
-        if stall.outside:
-            rows.append((f"  ({stall.outside} of these saves fell in no timed step: at train start (step 0), "
-                         "in warm-up or after a validation)", ""))
+    interval = default_interval_seconds()
+    for fit in stalls:
+        rows += stall_rows(fit, interval)
     print_table(rows)
+    if stalls:
+        print_summary([stall for fit in stalls for stall in fit], interval)
     print(f"\ntotal benchmark wall time {time.perf_counter() - total_start:.0f} s")
     return 0
 
