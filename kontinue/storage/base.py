@@ -279,8 +279,8 @@ class Store(abc.ABC):
     def delete(self, key: str) -> None:
         """Delete ``key`` and its sidecar; missing is fine."""
         key = self._key(key)
+        self._remove(key + SIDECAR)  # first: a stop in between leaves an object a listing still finds
         self._remove(key)
-        self._remove(key + SIDECAR)
 
     def delete_all(self) -> int:
         """Delete every object under this store's root; returns how many there were."""

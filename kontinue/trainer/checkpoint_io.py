@@ -86,6 +86,10 @@ class BackgroundWriter:
                 log.error("writing %s failed: %s: %s", job.what, type(error).__name__, error)
                 self._error = error
             finally:
+                # The snapshot is freed here, in this thread, before anyone is told the writer is
+                # idle: freed later, it could still be freeing tensors when the interpreter shuts
+                # down, which aborts the process (exit -6 instead of 75).
+                job = None
                 with self._changed:
                     self._busy = None
                     self._changed.notify_all()
@@ -103,9 +107,12 @@ class BackgroundWriter:
         """Waits until every write asked for is durable (or abandoned after a failure); raises the
         first failure unless told not to (when another exception is already ending the fit)."""
         with self._changed:
-            if self._thread is not None:
+            thread = self._thread
+            if thread is not None:
                 log.info("waiting for %s being written", ", ".join(job.what for job in [self._busy, *self._jobs] if job))
             self._changed.wait_for(lambda: self._thread is None)
+        if thread is not None:
+            thread.join()  # gone entirely before the process may exit
         if raise_error:
             self.check()
 
