@@ -456,6 +456,7 @@ class _PodRecord:
     kill_at: float | None = None  # when terminating: SIGKILL after this (monotonic)
     forced: tuple[int, str] | None = None  # (exitCode, reason) to report instead of the real one
     done: bool = False  # the final status was reported
+    held: bool = False  # frozen by `Kubelet.hold` until it is told to stop
 
     @property
     def log_path(self) -> Path:
@@ -619,6 +620,19 @@ class Kubelet:
             for record in self._pods.values():
                 if record.node == name and record.alive:
                     os.killpg(record.proc.pid, signal.SIGCONT)
+
+    def hold(self, pod_name: str, namespace: str | None = None) -> None:
+        """Freezes the pod's processes (SIGSTOP) until the node stops it: SIGTERM then goes with a
+        SIGCONT. A test pins the step a preemption hits this way, however slow the API is to act."""
+        with self._lock:
+            record = self._find(pod_name, namespace)
+            os.killpg(record.proc.pid, signal.SIGSTOP)
+            record.held = True
+
+    def _terminate(self, record: _PodRecord) -> None:
+        record.proc.send_signal(signal.SIGTERM)
+        if record.held:
+            self._kill_group(record, signal.SIGCONT)
 
     def exit_code(self, pod_name: str, namespace: str | None = None) -> int | None:
         """The exit code of the latest process of that pod (None while it runs)."""
@@ -804,7 +818,7 @@ class Kubelet:
                 continue  # nobody on that node hears of it
             record = self._pods.pop(uid)
             if record.alive:
-                record.proc.send_signal(signal.SIGTERM)
+                self._terminate(record)
                 record.kill_at = time.monotonic() + record.grace
                 self._orphans.append(record)
         for record in list(self._orphans):
@@ -864,7 +878,7 @@ class Kubelet:
         if deleting and record.kill_at is None:
             grace = pod["metadata"].get("deletionGracePeriodSeconds", record.grace)
             record.kill_at = time.monotonic() + grace
-            record.proc.send_signal(signal.SIGTERM)
+            self._terminate(record)
         if record.kill_at is not None and record.alive and time.monotonic() >= record.kill_at:
             self._kill_group(record)
             record.proc.wait(10)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+import time
 
 import pytest
 
@@ -49,16 +50,19 @@ def test_preempted_by_the_scheduler_an_eviction_and_a_lost_node_the_run_finishes
     operator_process.start(*OPERATOR_ARGS, "--node-lost-seconds", "2")
     kube.create(manifest)
 
-    def current_pod(step: int) -> dict:
-        kube.wait_for(lambda: (trainer_status().get("lastCheckpoint") or {}).get("step", -1) >= step
-                      and run_status(kube).get("phase") == "Running", 180, f"a checkpoint at step {step}")
-        return kube.get("pods", ns, run_status(kube)["currentPod"])
-
-    def next_step() -> int:
-        return trainer_status()["lastCheckpoint"]["step"] + random.randint(1, 2)
+    def current_pod(attempt: int) -> dict:
+        """The pod of `attempt` once it trains, frozen a moment later until the preemption reaches
+        it: the step it is stopped at is its own, with steps left for the next attempts (its durable
+        resume points lag its steps, saved in the background, and would say too late)."""
+        kube.wait_for(lambda: len(trainer_status().get("attempts") or []) >= attempt
+                      and run_status(kube).get("phase") == "Running", 180, f"attempt {attempt} to train")
+        time.sleep(random.uniform(0, 0.5))
+        pod = kube.get("pods", ns, run_status(kube)["currentPod"])
+        kubelet.hold(pod["metadata"]["name"], ns)
+        return pod
 
     # 1. The scheduler: the trainer holds the only schedulable GPU; an urgent pod takes it.
-    victim = current_pod(random.randint(1, 4))
+    victim = current_pod(1)
     kube.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "urgent"}, "spec": {
         "priorityClassName": priority_classes["high"], "restartPolicy": "Never",
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
@@ -70,12 +74,12 @@ def test_preempted_by_the_scheduler_an_eviction_and_a_lost_node_the_run_finishes
     kubelet.add_node(gpus=1)  # (a cordon right before the urgent pod can reach the scheduler too late)
 
     # 2. The Eviction API, as `kubectl drain` uses it.
-    evicted = current_pod(next_step())
+    evicted = current_pod(2)
     kube.evict(evicted["metadata"]["name"])
     kubelet.wait_gone(evicted["metadata"]["name"], uid=evicted["metadata"]["uid"], timeout=90)
 
     # 3. The node dies with the trainer on it.
-    stranded = current_pod(next_step())
+    stranded = current_pod(3)
     kubelet.lose_node(stranded["spec"]["nodeName"])
     kube.wait_for(lambda: run_status(kube).get("phase") in ("Succeeded", "Failed"), 300, "the run to finish")
 

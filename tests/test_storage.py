@@ -214,6 +214,27 @@ def test_failed_write_leaves_no_partial_object(store):
         assert os.listdir(store.root) == ["ckpt"]  # no stray temp file
 
 
+def test_a_write_killed_midway_leaves_a_temp_file_that_only_the_sweep_of_its_prefix_removes(local_store):
+    """SIGKILL gives atomic_file no chance to clean up; what is left is swept once no writer is at work."""
+    import signal
+    import subprocess
+    import sys
+    script = ("import sys, time; from kontinue.storage import LocalStore\n"
+              "with LocalStore(sys.argv[1]).writer(sys.argv[2]) as out:\n"
+              "    out.write(b'x' * 4096); out.flush(); print('writing', flush=True); time.sleep(60)\n")
+    local_store.put_bytes("checkpoints/step-1.ckpt", b"whole")
+    for key in ("checkpoints/step-2.ckpt", "elsewhere/object"):
+        child = subprocess.Popen([sys.executable, "-c", script, str(local_store.root), key], stdout=subprocess.PIPE)
+        assert child.stdout.readline() == b"writing\n"
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    leftovers = lambda: sorted(p.relative_to(local_store.root).parent.as_posix()  # noqa: E731
+                               for p in local_store.root.rglob(".*.tmp"))
+    assert leftovers() == ["checkpoints", "elsewhere"] and keys(local_store) == ["checkpoints/step-1.ckpt"]
+    local_store.remove_interrupted_writes("checkpoints/")
+    assert leftovers() == ["elsewhere"] and keys(local_store) == ["checkpoints/step-1.ckpt"]
+
+
 def test_multipart_round_trip(store, tmp_path):
     if isinstance(store, S3Store):
         store.part_size = 5 * MiB

@@ -282,6 +282,11 @@ class Store(abc.ABC):
         self._remove(key + SIDECAR)  # first: a stop in between leaves an object a listing still finds
         self._remove(key)
 
+    def remove_interrupted_writes(self, prefix: str = "") -> None:
+        """Remove what writes cut short by a kill left under ``prefix`` (no writer may be at work
+        there). Nothing here: an S3 multipart upload that never completed stays invisible, and the
+        bucket's AbortIncompleteMultipartUpload lifecycle rule reclaims its parts."""
+
     def delete_all(self) -> int:
         """Delete every object under this store's root; returns how many there were."""
         objects = self.list()

@@ -87,6 +87,14 @@ class LocalStore(Store):
                     continue
                 yield _info(key, st)
 
+    def remove_interrupted_writes(self, prefix: str = "") -> None:
+        """Temp files of `atomic_file`s a kill cut short (a checkpoint's can be gigabytes)."""
+        for dirpath, _, names in os.walk(self.root / check_key(prefix, prefix=True).rpartition("/")[0]):
+            for name in names:
+                path = pathlib.Path(dirpath, name)
+                if is_temp_name(name) and path.relative_to(self.root).as_posix().startswith(prefix):
+                    path.unlink(missing_ok=True)
+
     def _remove(self, key: str) -> None:
         with self._errors(key):
             (self.root / key).unlink(missing_ok=True)

@@ -215,6 +215,7 @@ class RunDirectory:
                 self.store.delete(info.key)
         for name in LEGACY_RESUME_POINTS:
             self.store.delete(name)
+        self.store.remove_interrupted_writes(CHECKPOINTS)
 
     def find_resume_point(self) -> Path | None:
         """The newest resume point that matches its sha256 and loads, as a local file; bad ones are
