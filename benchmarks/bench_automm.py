@@ -24,10 +24,11 @@ validation metric accuracy, seed 0, `env.num_gpus=0`, the same data-loader worke
 and AutoMM's `env.num_workers_inference`), the same torch thread count (`torch.set_num_threads` in
 each process before the fit) and the same environment (`OMP_WAIT_POLICY=PASSIVE`,
 `TOKENIZERS_PARALLELISM=false`, HF offline). AutoMM also gets `model.hf_text.text_trivial_aug_maxscale=0`
-(its text augmentation would call `nltk.download()`). What stays each framework's own: AutoMM's
-layer-wise learning-rate decay (`optim.lr_choice`, kontinue has none), its TensorBoard logger and its
-top-3 checkpoints with averaging at the end; kontinue's resume points (one before the first step, then
-every 5 minutes) and its best-model file. Each child process reports what its Lightning Trainer really
+(its text augmentation would call `nltk.download()`). Both decay learning rates layer-wise and
+average their top-3 checkpoints at the end (their shared defaults). What stays each framework's own:
+AutoMM's TensorBoard logger and checkpoint files; kontinue's resume points (one before the first
+step, then every 5 minutes, written in the background) and its candidate files. Scores on the
+tutorial's use cases over several seeds are bench_automm_scores.py's. Each child process reports what its Lightning Trainer really
 ran (precision, gradient accumulation, batches per epoch, loader workers, torch threads, validations,
 padded text length) and the script prints it beside the figures.
 

@@ -6,6 +6,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from kontinue.api import HYPERPARAMETERS
 from kontinue.api.crd import HEADER, build_crds, crd_filename, to_yaml
 from kontinue.cli import main
 
@@ -91,8 +92,10 @@ def test_schema_details():
     spec = SCHEMAS["TrainingRun"]["properties"]["spec"]
     minutes = spec["properties"]["checkpoint"]["properties"]["intervalMinutes"]
     assert (minutes["type"], minutes["minimum"], minutes["exclusiveMinimum"]) == ("number", 0, True)
-    free_form = spec["properties"]["hyperparameters"]["additionalProperties"]
-    assert free_form == {"x-kubernetes-preserve-unknown-fields": True}
+    hyperparameters = spec["properties"]["hyperparameters"]
+    assert hyperparameters["x-kubernetes-preserve-unknown-fields"] is True  # model.timm_image_1.* and the like
+    assert set(hyperparameters["properties"]) == set(HYPERPARAMETERS)  # each documented, for kubectl explain
+    assert "Default: 0.9." in hyperparameters["properties"]["optim.lr_decay"]["description"]
     assert spec["properties"]["seed"]["default"] == 0 and spec["required"] == ["task", "data", "checkpoint"]
     assert "problemType" in spec["properties"]["task"]["properties"]
     conditions = SCHEMAS["TrainingRun"]["properties"]["status"]["properties"]["conditions"]

@@ -93,6 +93,37 @@ def test_the_pointer_names_the_newest_two_and_older_points_are_deleted_once_it_m
     assert resumes_at(run_uri, tmp_path) == 12
 
 
+def test_a_model_candidate_lives_as_long_as_a_kept_resume_point_needs_it(run_uri, tmp_path):
+    """optim.top_k: candidates are written before the resume points that name them, and deleted only
+    once no point last.json keeps names them; a finished run keeps none."""
+    run_dir = reopen(run_uri, tmp_path)
+
+    def candidate(step: int) -> dict:
+        key = run_dir.candidate_key(step)
+        run_dir.write_candidate(key, {"state_dict": checkpoint(step)["state_dict"], "score": 0.5, "step": step})
+        return {"key": key, "step": step, "score": 0.5}
+
+    def point(step: int, *kept: dict) -> None:
+        run_dir.write_resume_point({**checkpoint(step), "candidates": list(kept)}, run_dir.resume_point_key(step))
+
+    def stored() -> list[int]:
+        return [int(info.key.split("-")[1].split(".")[0])
+                for info in reopen(run_uri, tmp_path).store.list("candidates/")]
+
+    one, two = candidate(1), candidate(2)
+    point(3, two, one)
+    three = candidate(4)  # one drops out of the top 2 here; points 3 and 5 are kept
+    point(5, three, two)
+    assert stored() == [1, 2, 4]  # point 3 still needs one
+    point(6, three, two)
+    assert stored() == [2, 4]
+    assert json.loads(run_dir.store.read_text(POINTER))["points"][0]["candidates"] == [three["key"], two["key"]]
+    restored = torch.load(reopen(run_uri, tmp_path).fetch_candidate(two["key"]), weights_only=True)
+    assert torch.equal(restored["state_dict"]["w"], checkpoint(2)["state_dict"]["w"])
+    run_dir.drop_resume_points()
+    assert stored() == []
+
+
 @pytest.mark.parametrize("where", ["while streaming the object", "after the object, before the pointer",
                                    "after the pointer, before the status", "while deleting old points"])
 def test_a_crash_at_every_step_of_a_save_resumes_from_a_valid_point(run_uri, tmp_path, where):

@@ -157,9 +157,10 @@ def resume_points(run_dir: Path) -> list[dict]:
 
 
 def has_no_resume_points(run_dir: Path) -> bool:
-    """A finished run keeps model.ckpt only: no pointer, no checkpoints/, no old-layout files."""
+    """A finished run keeps model.ckpt only: no pointer, no checkpoints/ or candidates/, no old-layout files."""
     run_dir = Path(run_dir)
     return not (run_dir / "last.json").exists() and not list(run_dir.glob("checkpoints/*")) and \
+        not list(run_dir.glob("candidates/*")) and \
         not (run_dir / "last.ckpt").exists() and not (run_dir / "previous.ckpt").exists()
 
 

@@ -59,7 +59,9 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         elif key == "items":
             out[key] = _structural(value, defs)
         elif key == "additionalProperties":
-            if value is True:  # a map of free-form values
+            if value is True and "properties" in node:  # named keys documented, others kept as they are
+                out["x-kubernetes-preserve-unknown-fields"] = True
+            elif value is True:  # a map of free-form values
                 out[key] = {"x-kubernetes-preserve-unknown-fields": True}
             elif value is not False:  # extra="forbid": the API server prunes or refuses unknown keys itself
                 out[key] = _structural(value, defs)
@@ -90,7 +92,7 @@ def immutable_message(name: str) -> str:
 
 def _unknown_type(node: dict[str, Any]) -> bool:
     """Whether CEL cannot see a value of this schema (the API server hides preserve-unknown-fields data)."""
-    if "type" not in node:
+    if "type" not in node or node.get("x-kubernetes-preserve-unknown-fields"):  # free-form, or keys not all named
         return bool(node.get("x-kubernetes-preserve-unknown-fields"))
     child = node.get("items") if node["type"] == "array" else node.get("additionalProperties")
     return isinstance(child, dict) and _unknown_type(child)

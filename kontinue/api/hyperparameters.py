@@ -136,21 +136,44 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
         "max", "Each backbone's features are first mapped to the widest (max) or narrowest (min) width.",
         _choice("max", "min")),
     "optim.optim_type": Hyperparameter("adamw", "Optimizer.", _choice("adamw", "adam", "sgd")),
-    "optim.lr": Hyperparameter(1e-4, "Peak learning rate.", _number(0, 10)),
-    "optim.weight_decay": Hyperparameter(1e-3, "Decoupled weight decay.", _number(0, 10)),
+    "optim.lr": Hyperparameter(1e-4, "Peak learning rate (of the head, with layer-wise decay).", _number(0, 10)),
+    "optim.weight_decay": Hyperparameter(
+        1e-3, "Decoupled weight decay, on weights only (not biases or normalisation layers).", _number(0, 10)),
+    "optim.lr_choice": Hyperparameter(
+        "layerwise_decay", "How learning rates differ across the model: layerwise_decay (each layer below the "
+        "head trains at optim.lr_decay times the rate of the one above it), two_stages (the head at optim.lr "
+        "times optim.lr_mult, the backbones at optim.lr) or single_stage (one rate).",
+        _choice("layerwise_decay", "two_stages", "single_stage")),
+    "optim.lr_decay": Hyperparameter(
+        0.9, "Layer-wise decay factor: a layer k blocks below the head trains at optim.lr * lr_decay**k.",
+        _number(0, 1)),
+    "optim.lr_mult": Hyperparameter(
+        1, "With lr_choice two_stages, the head's learning rate is optim.lr times this.", _number(0, 10_000)),
     "optim.lr_schedule": Hyperparameter(
-        "linear_decay", "Learning-rate schedule after warm-up.",
-        _choice("linear_decay", "cosine_decay", "constant")),
+        "cosine_decay", "Learning-rate schedule after warm-up (polynomial_decay ends at optim.end_lr).",
+        _choice("cosine_decay", "linear_decay", "polynomial_decay", "constant")),
+    "optim.end_lr": Hyperparameter(0, "Final learning rate of polynomial_decay.", _number(0, 10)),
     "optim.warmup_steps": Hyperparameter(
-        0.1, "Warm-up length as a fraction of all optimizer steps.", _number(0, 1)),
-    "optim.max_epochs": Hyperparameter(10, "Epochs to train.", _number(1, 100_000, integer=True)),
+        0.1, "Linear warm-up: up to 1, a fraction of all optimizer steps; above 1, a number of steps.",
+        _number(0)),
+    "optim.max_epochs": Hyperparameter(20, "Epochs to train.", _number(1, 100_000, integer=True)),
     "optim.max_steps": Hyperparameter(
         -1, "Stop after this many optimizer steps (-1: no limit).", _number(-1, integer=True)),
-    "optim.gradient_clip_val": Hyperparameter(1.0, "Clip gradients to this norm (0: off).", _number(0)),
+    "optim.gradient_clip_val": Hyperparameter(1.0, "Clip gradients to this size (0: off).", _number(0)),
+    "optim.gradient_clip_algorithm": Hyperparameter(
+        "norm", "Clip the gradients' norm or each value.", _choice("norm", "value")),
     "optim.val_check_interval": Hyperparameter(
         0.5, "Validate every this fraction of an epoch (or every N batches if > 1).", _number(0)),
+    "optim.check_val_every_n_epoch": Hyperparameter(
+        1, "Validate in every Nth epoch only.", _number(1, integer=True)),
     "optim.patience": Hyperparameter(
         10, "Stop after this many validations without improvement.", _number(1, integer=True)),
+    "optim.top_k": Hyperparameter(
+        3, "Validated states kept as candidates for model.ckpt: the best top_k.", _number(1, 100, integer=True)),
+    "optim.top_k_average_method": Hyperparameter(
+        "greedy_soup", "How model.ckpt is made of the candidates at the end: greedy_soup (the best, then "
+        "each next one averaged in if the average validates at least as well), uniform_soup (the average "
+        "of all) or best.", _choice("greedy_soup", "uniform_soup", "best")),
     "env.per_gpu_batch_size": Hyperparameter(8, "Samples per device per step.", _number(1, integer=True)),
     "env.batch_size": Hyperparameter(
         128, "Effective batch size; gradients accumulate to reach it.", _number(1, integer=True)),

@@ -7,6 +7,7 @@ The CRDs in `crds/` are generated from these classes (`kontinue crds`), so every
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,7 +20,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from kontinue.api.families import (COLUMN_ROLES, FAMILIES, FUSION_HEADS, OBJECT_DETECTION, PROBLEM_TYPES, SPEC_FAMILIES,
                                     SUPPORTED_METRICS, TABULAR_FAMILIES)
-from kontinue.api.hyperparameters import hyperparameter_problems
+from kontinue.api.hyperparameters import HYPERPARAMETERS, hyperparameter_problems
 
 GROUP = "kontinue.dev"
 VERSION = "v1alpha1"
@@ -299,7 +300,9 @@ class _RunSpec(_Model):
     model: ModelSpec | None = Field(None, description="Backbones to build.")
     hyperparameters: dict[str, Any] = Field(default_factory=dict, description=(
         "AutoMM hyperparameters by dotted key, such as optim.lr: 2.0e-5. "
-        "Keys implied by other fields may be repeated only with the same value."))
+        "Keys implied by other fields may be repeated only with the same value."),
+        json_schema_extra={"properties": {key: {"description": f"{spec.description} Default: {json.dumps(spec.default)}."}
+                                          for key, spec in HYPERPARAMETERS.items()}})
     time_limit: Duration | None = Field(None, description='Training time budget, such as "30m" or "1h30m".')
     seed: int = Field(0, ge=0, description="Random seed.")
     checkpoint: CheckpointSpec = Field(description="Where and how often training state is saved.")

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from kontinue.api.contract import PREEMPTED_EXIT_CODE
 from kontinue.trainer.checkpoint_io import BackgroundWriter, snapshot
 from kontinue.trainer.ownership import Superseded
-from kontinue.trainer.rundir import now
+from kontinue.trainer.rundir import CANDIDATES_FIELD, now
 from kontinue.trainer.signals import STOP_REQUESTED
 
 if TYPE_CHECKING:
@@ -264,6 +264,44 @@ class BestModel(pl.Callback):
                 self.writer.submit(lambda: self.run_dir.write_best_model(best), f"model.ckpt (step {best['step']})")
         if trainer.state.fn != "fit":  # Trainer.validate after a fit: its caller reads model.ckpt next
             self.writer.flush()
+
+
+class TopKCandidates(pl.Callback):
+    """Keeps the `top_k` best validated states as candidates for model.ckpt (AutoMM's optim.top_k),
+    each written once by the background writer; the soup of them is made when training ends
+    (kontinue.trainer.soup). The list travels in every resume point, and last.json names the
+    candidates each point needs, so a resumed run finds the same ones."""
+
+    def __init__(self, run_dir: "RunDirectory", writer: BackgroundWriter, higher_is_better: bool, top_k: int):
+        self.run_dir, self.writer = run_dir, writer
+        self.higher_is_better, self.top_k = higher_is_better, top_k
+        self.candidates: list[dict[str, Any]] = []  # best first: {"key", "step", "score"}
+
+    def _ranks_before(self, score: float, other: float) -> bool:
+        return score > other if self.higher_is_better else score < other
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        score, step = pl_module.last_validation[pl_module.problem.eval_metric], trainer.global_step
+        if not np.isfinite(score) or any(c["step"] == step for c in self.candidates):
+            return  # a second validation within one accumulated step sees the same weights
+        if len(self.candidates) >= self.top_k and not self._ranks_before(score, self.candidates[-1]["score"]):
+            return
+        candidate = {"key": self.run_dir.candidate_key(step), "step": step, "score": float(score)}
+        place = next((i for i, c in enumerate(self.candidates) if self._ranks_before(score, c["score"])),
+                     len(self.candidates))
+        self.candidates = (self.candidates[:place] + [candidate] + self.candidates[place:])[:self.top_k]
+        if trainer.is_global_zero:  # what drops out is deleted once no kept resume point needs it
+            state = snapshot({"state_dict": pl_module.state_dict(), "score": candidate["score"], "step": step})
+            self.writer.submit(lambda: self.run_dir.write_candidate(candidate["key"], state),
+                               f"candidate {candidate['key']}")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CANDIDATES_FIELD] = [dict(candidate) for candidate in self.candidates]
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        self.candidates = [dict(candidate) for candidate in checkpoint.get(CANDIDATES_FIELD, [])]
 
 
 class StatusReporter(pl.Callback):

@@ -28,7 +28,7 @@ from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
 from kontinue.api.contract import PREEMPTED_EXIT_CODE
-from kontinue.trainer.callbacks import BestModel, RandomState, ResumePoints, StatusReporter
+from kontinue.trainer.callbacks import BestModel, RandomState, ResumePoints, StatusReporter, TopKCandidates
 from kontinue.trainer.checkpoint_io import BackgroundWriter, ResumePointIO
 from kontinue.trainer.problem import Problem
 from kontinue.trainer.rundir import RunDirectory
@@ -192,6 +192,8 @@ def build_trainer(hp: dict[str, Any], run_dir: RunDirectory, problem: Problem, *
     callbacks = [
         RandomState(),
         BestModel(run_dir, writer, problem.higher_is_better),
+        *([TopKCandidates(run_dir, writer, problem.higher_is_better, hp["optim.top_k"])]
+          if hp["optim.top_k"] > 1 and hp["optim.top_k_average_method"] != "best" else []),
         StatusReporter(run_dir),
         EarlyStopping(monitor="val_score", mode="max" if problem.higher_is_better else "min",
                       patience=hp["optim.patience"], check_on_train_epoch_end=False),
@@ -205,7 +207,9 @@ def build_trainer(hp: dict[str, Any], run_dir: RunDirectory, problem: Problem, *
         max_epochs=hp["optim.max_epochs"], max_steps=hp["optim.max_steps"],
         max_time=dt.timedelta(seconds=time_limit) if time_limit else None,
         accumulate_grad_batches=accumulate, gradient_clip_val=hp["optim.gradient_clip_val"] or None,
+        gradient_clip_algorithm=hp["optim.gradient_clip_algorithm"],
         val_check_interval=min(1.0, interval) if interval <= 1 else int(interval),
+        check_val_every_n_epoch=hp["optim.check_val_every_n_epoch"],
         callbacks=callbacks, plugins=[ResumePointIO(run_dir, writer)], logger=False, enable_checkpointing=False, num_sanity_val_steps=0,
         enable_progress_bar=progress_bar, enable_model_summary=False,
         use_distributed_sampler=False, default_root_dir=str(run_dir.path),

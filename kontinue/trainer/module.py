@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 
 from kontinue.trainer.backbones import Backbone
+from kontinue.trainer.optimization import create_optimizer, parameter_groups, schedule
 from kontinue.trainer.problem import Problem
 
 
@@ -69,29 +69,13 @@ class PredictorModule(pl.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
         return self.problem.outputs(self, batch)
 
+    def layer_ids(self) -> dict[str, int]:
+        """Layer ids of every parameter (the head's are 0), for layer-wise learning-rate decay."""
+        return {f"backbones.{name}.{parameter}": layer
+                for name, backbone in self.backbones.items() for parameter, layer in backbone.layer_ids().items()}
+
     def configure_optimizers(self):
         hp = self.hyperparameters
-        no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
-        groups = [
-            {"params": [p for n, p in self.named_parameters() if not n.endswith(no_decay)],
-             "weight_decay": hp["optim.weight_decay"]},
-            {"params": [p for n, p in self.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
-        ]
-        optimizer = {
-            "adamw": lambda: torch.optim.AdamW(groups, lr=hp["optim.lr"]),
-            "adam": lambda: torch.optim.Adam(groups, lr=hp["optim.lr"]),
-            "sgd": lambda: torch.optim.SGD(groups, lr=hp["optim.lr"], momentum=0.9),
-        }[hp["optim.optim_type"]]()
-        warmup = int(hp["optim.warmup_steps"] * self.total_steps)
-        schedule = hp["optim.lr_schedule"]
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            if schedule == "constant":
-                return 1.0
-            progress = min(1.0, (step - warmup) / max(1, self.total_steps - warmup))
-            return 1.0 - progress if schedule == "linear_decay" else 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        optimizer = create_optimizer(parameter_groups(self, self.layer_ids(), "head", hp), hp)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(hp, self.total_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -24,6 +24,8 @@ from torch.utils.data import DataLoader
 from kontinue.api.contract import InvalidInput
 from kontinue.api.families import OBJECT_DETECTION, family_of
 from kontinue.api.hyperparameters import validate_hyperparameters
+from kontinue.storage import ChecksumMismatch, ObjectNotFound
+from kontinue.trainer.callbacks import TopKCandidates
 from kontinue.trainer.columns import column_roles
 from kontinue.trainer.data import (Collate, ResumableBatchSampler, ResumableDataLoader, RowDataset, as_table,
                                    table_fingerprint)
@@ -32,6 +34,7 @@ from kontinue.trainer.model import build_module, rebuild_module, save_assets, se
 from kontinue.trainer.module import PredictorModule
 from kontinue.trainer.problem import Problem
 from kontinue.trainer.rundir import COMPLETED, EMPTY, UNSTARTED, RunDirectory, now
+from kontinue.trainer.soup import make_soup
 
 log = logging.getLogger("kontinue.trainer")
 FORMAT_VERSION = 2  # 2: column roles, several families; version 1 directories (hf_text only) still load
@@ -204,12 +207,12 @@ class Predictor:
         try:
             trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None,
                         weights_only=True)
-            self._finish(trainer, val_loader)
+            self._finish(trainer, val_loader, tuning_data)
         finally:
             end_processes(trainer)  # rank 0 of a DDP fit ends after the other ranks
         return self
 
-    def _finish(self, trainer: pl.Trainer, val_loader: DataLoader) -> None:
+    def _finish(self, trainer: pl.Trainer, val_loader: DataLoader, tuning_data: pd.DataFrame) -> None:
         """After the fit, in every process: the validation of a run stopped before its first one is
         collective under DDP, so rank 0's finding is shared; the rest is rank 0's alone. The trained
         state is recorded before the resume points go: a process killed anywhere in here leaves a
@@ -222,6 +225,7 @@ class Predictor:
             trainer.validate(module, val_loader, verbose=False)
         if not trainer.is_global_zero:
             return  # another rank of a DDP fit: it ends here, writing nothing
+        self._make_soup(trainer, tuning_data)
         best = run_dir.load_best_model()
         module.load_state_dict(best["state_dict"])
         self.fit_summary = {"best_score": best["score"], "best_step": best["step"],
@@ -230,6 +234,38 @@ class Predictor:
                               bestScore=best["score"], metrics=best["metrics"])
         run_dir.drop_resume_points()
         run_dir.update_status()  # without lastCheckpoint
+
+    def _make_soup(self, trainer: pl.Trainer, tuning_data: pd.DataFrame) -> None:
+        """model.ckpt becomes the soup of the top_k candidates (optim.top_k_average_method). A
+        candidate that is gone or damaged is left out with a warning."""
+        kept = next((c for c in trainer.callbacks if isinstance(c, TopKCandidates)), None)
+        candidates, files = [], {}
+        for candidate in kept.candidates if kept else []:
+            try:
+                files[candidate["key"]] = self.run_dir.fetch_candidate(candidate["key"])
+                candidates.append(candidate)
+            except (ObjectNotFound, ChecksumMismatch) as error:
+                self.run_dir.warn(f"model candidate {candidate['key']} left out of the soup: {error}")
+        if not candidates:
+            return
+        module, metric = self._module, self.problem.eval_metric
+
+        def load(candidate: dict[str, Any]) -> dict[str, torch.Tensor]:
+            return torch.load(files[candidate["key"]], map_location="cpu", weights_only=True)["state_dict"]
+
+        def score(state: dict[str, torch.Tensor]) -> float:
+            module.load_state_dict(state)
+            return self.evaluate(tuning_data, metric)[metric]
+
+        method = self._metadata["hyperparameters"]["optim.top_k_average_method"]
+        soup = make_soup(candidates, method, load, score, self.problem.higher_is_better)
+        log.info("model.ckpt: %s of the states of steps %s", method, soup.steps)
+        if soup.steps == [candidates[0]["step"]] and self.run_dir.has_best_model():
+            return  # the best alone: model.ckpt holds it already
+        module.load_state_dict(soup.state)
+        metrics = self.evaluate(tuning_data)
+        self.run_dir.write_best_model({"state_dict": soup.state, "score": metrics[metric], "metrics": metrics,
+                                       "step": candidates[0]["step"], "soup": {"method": method, "steps": soup.steps}})
 
     def _progress_bar(self) -> bool:
         return self.verbosity >= 2 if self.enable_progress_bar is None else self.enable_progress_bar

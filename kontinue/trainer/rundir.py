@@ -6,7 +6,9 @@
                     .sha256 beside it
     last.json       the pointer: the newest durable resume points, newest first, with their sha256;
                     written last and atomically, so it only ever names complete checkpoints
-    model.ckpt      the best weights so far (+ .sha256)
+    candidates/step-000000120.ckpt  the top_k validated states (+ .sha256), averaged into model.ckpt
+                    when training ends; every resume point names those it keeps
+    model.ckpt      the best weights so far (+ .sha256), the average of the candidates once trained
     status.json     phase, progress, last checkpoint, metrics, warnings
     dump/           dump_model output
     owner.json      which run, spec and attempt the directory belongs to (kontinue.trainer.ownership)
@@ -39,6 +41,8 @@ log = logging.getLogger("kontinue.trainer")
 
 METADATA, STATUS, POINTER, BEST = "kontinue.json", "status.json", "last.json", "model.ckpt"
 CHECKPOINTS = "checkpoints/"
+CANDIDATES = "candidates/"  # the best validated states, averaged into model.ckpt at the end (optim.top_k)
+CANDIDATES_FIELD = "candidates"  # in a resume point: the candidates kept at that step, best first
 LEGACY_RESUME_POINTS = ("last.ckpt", "previous.ckpt")  # read, never written
 DEFAULT_KEEP = 2
 # What a run directory holds, decided in one place (RunDirectory.state):
@@ -153,14 +157,17 @@ class RunDirectory:
         attempt can never overwrite one a newer attempt named (a second point at the same step
         gets a counter). An object is written once and never changed."""
         named = {point["key"] for point in self._read_points()}
-        attempt = self.ownership.me.attempt if self.ownership is not None else None
-        base = f"{CHECKPOINTS}step-{step:09d}" + (f"-a{attempt}" if attempt is not None else "")
+        base = self._step_key(CHECKPOINTS, step)
         key, n = f"{base}.ckpt", 0
         while key in named or key in self._issued:
             n += 1
             key = f"{base}-{n}.ckpt"
         self._issued.add(key)
         return key
+
+    def _step_key(self, folder: str, step: int) -> str:
+        attempt = self.ownership.me.attempt if self.ownership is not None else None
+        return f"{folder}step-{step:09d}" + (f"-a{attempt}" if attempt is not None else "")
 
     def write_resume_point(self, checkpoint: dict[str, Any], key: str) -> dict[str, Any]:
         """The save protocol (run in the background writer, kontinue.trainer.checkpoint_io):
@@ -175,7 +182,8 @@ class RunDirectory:
         with store.writer(key, checksum=True) as out:
             torch.save(checkpoint, out)
         point = {"key": key, "step": checkpoint["global_step"], "epoch": checkpoint["epoch"],
-                 "sha256": out.info.sha256, "size": out.info.size, "time": now()}
+                 "sha256": out.info.sha256, "size": out.info.size, "time": now(),
+                 "candidates": [candidate["key"] for candidate in checkpoint.get(CANDIDATES_FIELD, [])]}
         points = [point, *(p for p in self._read_points() if p["key"] != key)][:max(1, self.keep)]
         self.guard()
         store.write_text(POINTER, json.dumps({"version": 1, "points": points}, indent=2))
@@ -210,12 +218,17 @@ class RunDirectory:
         return sorted(found, key=lambda point: point["key"], reverse=True)
 
     def _delete_resume_points(self, keep: set[str]) -> None:
-        for info in self.store.list(CHECKPOINTS):
-            if info.key not in keep:
-                self.store.delete(info.key)
+        """Deletes the resume points not in `keep`, and the model candidates none of the kept ones
+        needs (a candidate written after the newest point cannot be there yet: the writer writes
+        in order, and this runs in the writer after that point)."""
+        needed = {key for point in self._read_points() for key in point.get("candidates", [])}
+        for folder, kept in ((CHECKPOINTS, keep), (CANDIDATES, needed)):
+            for info in self.store.list(folder):
+                if info.key not in kept:
+                    self.store.delete(info.key)
+            self.store.remove_interrupted_writes(folder)
         for name in LEGACY_RESUME_POINTS:
             self.store.delete(name)
-        self.store.remove_interrupted_writes(CHECKPOINTS)
 
     def find_resume_point(self) -> Path | None:
         """The newest resume point that matches its sha256 and loads, as a local file; bad ones are
@@ -261,9 +274,31 @@ class RunDirectory:
         self._points = []
         self._delete_resume_points(keep=set())
         if self.remote is not None:  # what resuming downloaded into the scratch directory
-            self.local.child(CHECKPOINTS.rstrip("/")).delete_all()
+            for folder in (CHECKPOINTS, CANDIDATES):
+                self.local.child(folder.rstrip("/")).delete_all()
             for name in LEGACY_RESUME_POINTS:
                 self.local.delete(name)
+
+    # -- model candidates (optim.top_k) ---------------------------------------------------------
+    def candidate_key(self, step: int) -> str:
+        """The key of the candidate validated at `step` by this attempt (written once, never changed)."""
+        return self._step_key(CANDIDATES, step) + ".ckpt"
+
+    def write_candidate(self, key: str, candidate: dict[str, Any]) -> None:
+        """A candidate for model.ckpt ({state_dict, score, step}), streamed to the run directory with
+        its sha256; resume points that keep it as a candidate name it (CANDIDATES_FIELD)."""
+        self.guard()
+        with self.store.writer(key, checksum=True) as out:
+            torch.save(candidate, out)
+
+    def fetch_candidate(self, key: str) -> Path:
+        """A candidate as a local file, verified against its sha256; raises ObjectNotFound or
+        ChecksumMismatch."""
+        if self.remote is not None:
+            self.remote.get_file(key, self.path / key, verify=True)
+        else:
+            self.local.verify(key)
+        return self.path / key
 
     # -- the best model --------------------------------------------------------------------------
     def write_best_model(self, best: dict[str, Any]) -> None:
@@ -298,7 +333,7 @@ class RunDirectory:
 
 
 def _resume_point_file(key: str) -> bool:
-    return key.startswith(CHECKPOINTS) or key in (POINTER, *LEGACY_RESUME_POINTS)
+    return key.startswith((CHECKPOINTS, CANDIDATES)) or key in (POINTER, *LEGACY_RESUME_POINTS)
 
 
 def open_run_directory(uri: str, scratch: str | os.PathLike | None = None) -> RunDirectory:

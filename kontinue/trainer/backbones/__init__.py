@@ -25,6 +25,7 @@ from torch import nn
 
 from kontinue.api.contract import InvalidInput
 from kontinue.api.families import family_of, missing_install
+from kontinue.trainer.optimization import encoder_layer_ids
 
 BUILDERS: dict[str, type["Backbone"]] = {}
 
@@ -116,6 +117,15 @@ class Backbone(nn.Module):
     @property
     def columns(self) -> list[str]:
         return self.processor.columns
+
+    #: AutoMM's layer-id rule for layer-wise learning-rate decay: (the pretrained model's attribute,
+    #: name parts before its encoder, name parts after it); None: nothing here is pretrained.
+    layer_rule: ClassVar[tuple[str, tuple[str, ...], tuple[str, ...]] | None] = None
+
+    def layer_ids(self) -> dict[str, int]:
+        """Each parameter's layer id, counted from the output end (see kontinue.trainer.optimization)."""
+        names = [name for name, _ in self.named_parameters()]
+        return encoder_layer_ids(names, *self.layer_rule) if self.layer_rule else dict.fromkeys(names, 0)
 
     def save_assets(self, directory: Path) -> None:
         """Writes what rebuilding this backbone needs without its original checkpoint."""

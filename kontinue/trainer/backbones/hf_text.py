@@ -47,6 +47,8 @@ class TextProcessor(Processor):
 class HFTextBackbone(Backbone):
     modality = "text"
     Options = HFTextOptions
+    layer_rule = ("encoder", ("embeddings", "LayerNorm", "wte", "wpe", "shared.weight", "encoder.conv.conv",
+                              "relative_attention_bias"), ("head", "pooler", "ln_f", "final_layer_norm"))
 
     def __init__(self, name: str, options: HFTextOptions, columns: list[str], *,
                  data: pd.DataFrame | None = None, assets_dir: Path | None = None, **_: Any):

@@ -125,6 +125,16 @@ class DetectionProcessor(Processor):
 class MMDetImageBackbone(Backbone):
     modality = "image"
     Options = MMDetImageOptions
+    #: AutoMM's class and box predictors of known detectors; other detectors' whole bbox_head
+    PREDICTORS = ("bbox_head.fc_cls", "bbox_head.fc_reg", "bbox_head.convs_pred", "bbox_head.cls_branches",
+                  "bbox_head.multi_level_conv_cls", "bbox_head.multi_level_conv_reg", "bbox_head.multi_level_conv_obj",
+                  "bbox_head.vfnet_cls", "bbox_head.heatmap_head", "bbox_head.atss_cls", "bbox_head.cls_convs")
+
+    def layer_ids(self) -> dict[str, int]:
+        """AutoMM's two levels for a detector: its predictors at 0, the rest (pretrained) at 1."""
+        names = [name for name, _ in self.named_parameters()]
+        patterns = self.PREDICTORS if any(p in n for n in names for p in self.PREDICTORS) else ("bbox_head",)
+        return {name: 0 if any(p in name for p in patterns) else 1 for name in names}
 
     def __init__(self, name: str, options: MMDetImageOptions, columns: list[str], *,
                  data: pd.DataFrame | None = None, assets_dir: Path | None = None, problem: Any = None, **_: Any):

