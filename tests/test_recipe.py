@@ -5,20 +5,24 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from kontinue.api.hyperparameters import HyperparameterError, validate_hyperparameters
+from kontinue.api.hyperparameters import (EARLIER_BEHAVIOUR, HyperparameterError, stored_hyperparameters,
+                                          validate_hyperparameters)
 from kontinue.trainer.columns import column_roles
 from kontinue.trainer.model import build_module, select_models
 from kontinue.trainer.optimization import decayed_parameter_names, encoder_layer_ids, schedule
 from kontinue.trainer.predictor import Predictor
 from kontinue.trainer.problem import Problem
 from kontinue.trainer.soup import make_soup
-from tests.trainer_fixtures import has_no_resume_points
+from kontinue.api.contract import PREEMPTED_EXIT_CODE
+from tests.test_resume import assert_same_outcome, finish, read_status
+from tests.trainer_fixtures import Trainer, has_no_resume_points, resume_points, training_run
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +101,14 @@ def test_bad_recipe_values_are_refused_with_the_key_named(key, value, message):
         validate_hyperparameters({key: value})
 
 
+def test_a_predictor_saved_before_the_recipe_keys_existed_goes_on_as_it_started():
+    """Its stored hyperparameters hold every key of its time: a missing one keeps its earlier behaviour
+    (one learning rate, model.ckpt the best state), so its optimizer state still fits on resume."""
+    stored = {key: value for key, value in validate_hyperparameters({}).items() if key not in EARLIER_BEHAVIOUR}
+    assert {key: stored_hyperparameters(stored)[key] for key in EARLIER_BEHAVIOUR} == EARLIER_BEHAVIOUR
+    assert stored_hyperparameters(validate_hyperparameters({}))["optim.lr_choice"] == "layerwise_decay"
+
+
 def test_the_recipe_is_in_the_crd():
     text = (Path(__file__).parent.parent / "crds" / "kontinue.dev_trainingruns.yaml").read_text()
     for key in ("optim.lr_choice", "optim.lr_decay", "optim.lr_mult", "optim.top_k", "optim.top_k_average_method",
@@ -149,3 +161,39 @@ def test_a_fit_averages_its_best_states_into_model_ckpt_and_keeps_no_candidates(
     # the predictor holds the soup: its scores on the tuning data are model.ckpt's
     assert predictor.evaluate(data[128:])[predictor.problem.eval_metric] == pytest.approx(best["score"])
     assert isinstance(predictor.predict(pd.DataFrame({"text": ["fine"]})), pd.Series)
+
+
+@pytest.fixture(scope="module")
+def soup_reference(tmp_path_factory, tiny_bert, review_tables) -> tuple[dict, Path]:
+    """A run whose model.ckpt is always a soup (uniform, of 3 of 8 validated states), never interrupted."""
+    workdir = tmp_path_factory.mktemp("soup-reference")
+    manifest = training_run("soup", str(workdir / "store"), review_tables, tiny_bert, hyperparameters={
+        "optim.top_k_average_method": "uniform_soup", "optim.val_check_interval": 0.25})
+    run_dir = workdir / "store" / "tests" / "soup"
+    attempt = Trainer(workdir).attempt(manifest, str(run_dir))
+    assert attempt.exit_code == 0, attempt.output[-3000:]
+    return manifest, run_dir
+
+
+def test_sigterm_at_random_steps_with_top_k_averaging_ends_with_a_bit_identical_model_ckpt(soup_reference, tmp_path):
+    manifest, reference_dir = soup_reference
+    total = read_status(reference_dir)["finalState"]["step"]
+    harness, run_dir = Trainer(tmp_path), tmp_path / "store" / "tests" / "soup"
+    seed = random.randrange(1 << 30)
+    rng, stopped_at, named = random.Random(seed), 0, set()
+    for _ in range(3):
+        attempt = harness.attempt(manifest, str(run_dir), preempt_after_step=stopped_at + rng.randint(2, 7))
+        assert attempt.exit_code == PREEMPTED_EXIT_CODE, f"seed {seed}:\n{attempt.output[-3000:]}"
+        stopped_at = read_status(run_dir)["lastCheckpoint"]["step"]
+        assert stopped_at < total, f"seed {seed}: the run finished before it could be preempted"
+        kept = {key for point in resume_points(run_dir) for key in point["candidates"]}
+        assert all((run_dir / key).exists() for key in kept), f"seed {seed}: a kept point's candidate is gone"
+        named |= kept
+    assert named, f"seed {seed}: no resume point kept a candidate; the test did not test that"
+    finish(harness, manifest, run_dir)
+
+    status = assert_same_outcome(run_dir, reference_dir)  # finalState, metrics and model.ckpt's weights
+    ours, theirs = (torch.load(d / "model.ckpt", weights_only=True) for d in (run_dir, reference_dir))
+    assert ours["soup"] == theirs["soup"] and len(ours["soup"]["steps"]) == 3 and ours["score"] == theirs["score"]
+    assert [a["outcome"] for a in status["attempts"]] == ["preempted"] * 3 + ["completed"]
+    assert has_no_resume_points(run_dir)

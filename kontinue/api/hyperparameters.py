@@ -231,6 +231,17 @@ def validate_hyperparameters(hyperparameters: dict[str, Any] | None) -> dict[str
     return merged
 
 
+# How a run trained before these keys existed. A saved predictor stores every key there was (the
+# defaults included), so a key missing there is one it predates: it goes on as it started.
+EARLIER_BEHAVIOUR = {"optim.lr_choice": "single_stage", "optim.top_k": 1, "optim.top_k_average_method": "best"}
+
+
+def stored_hyperparameters(stored: dict[str, Any]) -> dict[str, Any]:
+    """The hyperparameters of a saved predictor, merged over the defaults as `validate_hyperparameters`
+    does, the keys it predates at their EARLIER_BEHAVIOUR."""
+    return validate_hyperparameters({**EARLIER_BEHAVIOUR, **stored})
+
+
 def hyperparameter_problems(hyperparameters: dict[str, Any] | None) -> list[HyperparameterError]:
     """Every problem at once, for `kontinue validate` and the pydantic models."""
     problems = []

@@ -42,15 +42,15 @@ def encoder_layer_ids(names: Iterable[str], model: str, pre_encoder: tuple[str, 
     for name in inside:
         child = name[len(model) + 1:].split(".")[0]
         index = next((part for part in name.split(".") if part.isdigit()), None)
-        if any(p in name for p in post_encoder):
-            post.append(name)
-        elif index is not None:
+        if index is not None and not any(p in name for p in post_encoder):
             if index != last_index or child != last_child:
                 layer += 1
                 last_index, last_child = index, child
             encoder[name] = layer
-        elif any(p in name for p in pre_encoder):
+        elif any(p in name for p in pre_encoder):  # before post_encoder: patch_embed.norm is an embedding
             pre.append(name)
+        elif any(p in name for p in post_encoder):
+            post.append(name)
         else:
             return ids  # neither encoder nor a known part: AutoMM's fallback
     if not encoder and pre:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from kontinue.api.contract import InvalidInput
 from kontinue.api.families import OBJECT_DETECTION, family_of
-from kontinue.api.hyperparameters import validate_hyperparameters
+from kontinue.api.hyperparameters import stored_hyperparameters, validate_hyperparameters
 from kontinue.storage import ChecksumMismatch, ObjectNotFound
 from kontinue.trainer.callbacks import TopKCandidates
 from kontinue.trainer.columns import column_roles
@@ -338,7 +338,7 @@ class Predictor:
         predictor = cls(label=metadata["label"], problem_type=problem.problem_type,
                         eval_metric=problem.eval_metric, run_dir=run_dir)
         predictor._problem, predictor._metadata = problem, metadata
-        hp = validate_hyperparameters(metadata["hyperparameters"])
+        hp = metadata["hyperparameters"] = stored_hyperparameters(metadata["hyperparameters"])
         predictor._module = rebuild_module(hp, problem, metadata["columns"], run_dir.path / "assets")
         state = run_dir.state()
         if resume:
