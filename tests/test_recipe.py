@@ -74,6 +74,7 @@ def test_learning_rates_and_weight_decay_per_parameter(minilm_module, choice):
     expected = {"layerwise_decay": (1e-3, 1e-3 * 0.8, 1e-3 * 0.8 ** 7), "two_stages": (1e-2, 1e-3, 1e-3),
                 "single_stage": (1e-3, 1e-3, 1e-3)}[choice]
     assert [r for r, _ in (head, top, bottom)] == pytest.approx(expected)
+    assert rates[encoder + "pooler.dense.weight"][0] == pytest.approx(expected[0])  # layer id 0, as the head
     # weights decay; biases and normalisation layers do not
     assert head[1] == top[1] == 0.01
     assert rates["head.bias"][1] == rates[encoder + "embeddings.LayerNorm.weight"][1] == 0.0

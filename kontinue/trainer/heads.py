@@ -48,6 +48,17 @@ class FusionMLP(nn.Module):
         return self.out(self.mlp(adapted))
 
 
+def init_weights(module: nn.Module) -> None:
+    """AutoMM's initialisation of the layers it adds: Xavier-uniform weights, zero biases."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 def create_head(widths: list[int], outputs: int, names: list[str], hyperparameters: dict[str, Any]) -> nn.Module:
     """fusion_mlp when model.names asks for it and there is more than one backbone to fuse."""
     if len(widths) > 1 and any(name in FUSION_HEADS for name in names):
@@ -55,5 +66,8 @@ def create_head(widths: list[int], outputs: int, names: list[str], hyperparamete
             hidden_sizes=tuple(hyperparameters["model.fusion_mlp.hidden_sizes"]),
             drop_rate=hyperparameters["model.fusion_mlp.drop_rate"],
             adapt_in_features=hyperparameters["model.fusion_mlp.adapt_in_features"])
-        return FusionMLP(widths, outputs, options)
-    return LinearHead(widths, outputs)
+        head: nn.Module = FusionMLP(widths, outputs, options)
+    else:
+        head = LinearHead(widths, outputs)
+    head.apply(init_weights)
+    return head

@@ -76,6 +76,6 @@ class PredictorModule(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hyperparameters
-        optimizer = create_optimizer(parameter_groups(self, self.layer_ids(), "head", hp), hp)
+        optimizer = create_optimizer(parameter_groups(self, self.layer_ids(), hp), hp)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(hp, self.total_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -62,11 +62,11 @@ def encoder_layer_ids(names: Iterable[str], model: str, pre_encoder: tuple[str, 
     return ids
 
 
-def parameter_groups(module: nn.Module, layer_ids: dict[str, int], head: str,
-                     hp: dict[str, Any]) -> list[dict[str, Any]]:
-    """Optimizer groups for `optim.lr_choice`:
+def parameter_groups(module: nn.Module, layer_ids: dict[str, int], hp: dict[str, Any]) -> list[dict[str, Any]]:
+    """Optimizer groups for `optim.lr_choice`, by layer id (a parameter `layer_ids` does not name,
+    such as the head's, is at 0):
     - layerwise_decay: a parameter at layer id k trains at lr * lr_decay**k;
-    - two_stages: the head (parameters under `head`) trains at lr * lr_mult, the rest at lr;
+    - two_stages: layer id 0 (the head, a pooler) trains at lr * lr_mult, the rest at lr;
     - single_stage: one rate.
     Each with and without weight decay; frozen parameters are left out."""
     lr, choice = hp["optim.lr"], hp["optim.lr_choice"]
@@ -77,7 +77,7 @@ def parameter_groups(module: nn.Module, layer_ids: dict[str, int], head: str,
             continue
         if choice == "layerwise_decay":
             rate = lr * hp["optim.lr_decay"] ** layer_ids.get(name, 0)
-        elif choice == "two_stages" and name.startswith(head + "."):
+        elif choice == "two_stages" and layer_ids.get(name, 0) == 0:
             rate = lr * hp["optim.lr_mult"]
         else:
             rate = lr
