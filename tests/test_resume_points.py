@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from kontinue.trainer.checkpoint_io import BackgroundWriter, snapshot
+from kontinue.trainer.ownership import Claimant
 from kontinue.trainer.rundir import POINTER, RunDirectory, open_run_directory
 from tests.test_resume import assert_same_outcome, finish, read_status, reference, stop  # noqa: F401
 from kontinue.api.contract import PREEMPTED_EXIT_CODE
@@ -122,6 +123,28 @@ def test_a_model_candidate_lives_as_long_as_a_kept_resume_point_needs_it(run_uri
     assert torch.equal(restored["state_dict"]["w"], checkpoint(2)["state_dict"]["w"])
     run_dir.drop_resume_points()
     assert stored() == []
+
+
+def test_a_stale_attempt_stopped_inside_its_cleanup_never_deletes_a_newer_attempts_points(run_uri, tmp_path):
+    """Attempt 1 checked its claim, then froze (SIGSTOP, a partition) before deleting old points;
+    attempt 2 took over and saved. When attempt 1 goes on, its deletions spare attempt 2's objects."""
+    def attempt(n: int) -> RunDirectory:
+        run_dir = reopen(run_uri, tmp_path)
+        run_dir.claim(Claimant(uid="uid-a", digest="d", attempt=n))
+        return run_dir
+
+    first = attempt(1)
+    write(first, 3)
+    second = attempt(2)
+    second.find_resume_point()
+    for step in (6, 9):
+        write(second, step)
+    with pytest.MonkeyPatch.context() as frozen:
+        frozen.setattr(first.ownership, "check", lambda: None)  # the claim was checked before the freeze
+        first._delete_resume_points(keep=set())  # whatever it may delete
+    named = json.loads(second.store.read_text(POINTER))["points"]
+    assert [p["step"] for p in named] == [9, 6] and set(stored_points(run_uri, tmp_path)) == {p["key"] for p in named}
+    assert resumes_at(run_uri, tmp_path) == 9
 
 
 @pytest.mark.parametrize("where", ["while streaming the object", "after the object, before the pointer",

@@ -27,6 +27,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -220,11 +221,16 @@ class RunDirectory:
     def _delete_resume_points(self, keep: set[str]) -> None:
         """Deletes the resume points not in `keep`, and the model candidates none of the kept ones
         needs (a candidate written after the newest point cannot be there yet: the writer writes
-        in order, and this runs in the writer after that point)."""
+        in order, and this runs in the writer after that point). Objects of a newer attempt are
+        never touched: a stale attempt, stopped anywhere in here and going on later, deletes only
+        its own and older attempts' leftovers."""
+        self.guard()
         needed = {key for point in self._read_points() for key in point.get("candidates", [])}
+        mine = self.ownership.me.attempt if self.ownership is not None else None
         for folder, kept in ((CHECKPOINTS, keep), (CANDIDATES, needed)):
             for info in self.store.list(folder):
-                if info.key not in kept:
+                written_by = _attempt_of(info.key)
+                if info.key not in kept and (mine is None or written_by is None or written_by <= mine):
                     self.store.delete(info.key)
             self.store.remove_interrupted_writes(folder)
         for name in LEGACY_RESUME_POINTS:
@@ -330,6 +336,12 @@ class RunDirectory:
         if self.status.get("phase") == "Succeeded" or self.has_best_model():
             return COMPLETED
         return UNSTARTED
+
+
+def _attempt_of(key: str) -> int | None:
+    """The attempt whose key this is (step-000000012-a2.ckpt, step-000000012-a2-1.ckpt: 2)."""
+    found = re.search(r"-a(\d+)(?:-\d+)?\.ckpt$", key)
+    return int(found.group(1)) if found else None
 
 
 def _resume_point_file(key: str) -> bool:
