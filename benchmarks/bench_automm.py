@@ -412,17 +412,23 @@ class Run:
         return self.result["wall"]
 
 
+def run_script(python: Path, script: Path, arguments: list[str], log: Path, cwd: Path) -> int:
+    """Runs `script` with `python` in the children's environment (none of this venv's paths), its
+    output in `log`; the exit code."""
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env.update(CHILD_ENV)
+    with log.open("w") as out:
+        return subprocess.run([str(python), str(script.resolve()), *arguments], stdout=out,
+                              stderr=subprocess.STDOUT, env=env, cwd=cwd).returncode
+
+
 def run_child(python: Path, framework: str, repeat: int, spec: dict[str, Any], workdir: Path) -> Run:
     spec_file, result_file = workdir / f"spec-{framework}.json", workdir / f"result-{framework}-{repeat}.json"
     log = workdir / f"{framework}-{repeat}.log"
     run_dir = workdir / framework
     shutil.rmtree(run_dir, ignore_errors=True)
     spec_file.write_text(json.dumps({**spec, "workdir": str(workdir)}))
-    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env.update(CHILD_ENV)
-    command = [str(python), str(Path(__file__).resolve()), "--child", framework, str(spec_file), str(result_file)]
-    with log.open("w") as out:
-        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir).returncode
+    code = run_script(python, Path(__file__), ["--child", framework, str(spec_file), str(result_file)], log, workdir)
     shutil.rmtree(run_dir, ignore_errors=True)  # AutoMM's checkpoints are 90 MB-270 MB each
     if code:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])

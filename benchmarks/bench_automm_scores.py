@@ -49,7 +49,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from benchmarks.bench_automm import (AUTOMM_VERSION, CHILD_ENV, DEFAULT_VENV, FRAMEWORKS,  # noqa: E402
-                                     ensure_automm_venv, venv_python)
+                                     ensure_automm_venv, run_script, venv_python)
 
 USE_CASES = {"fit": "1. fit (Rotten Tomatoes)", "continue": "2. continue with new data (Rotten Tomatoes)",
              "new_task": "3. dump, then a new task from it (IMDB)"}
@@ -225,11 +225,7 @@ def run_child(python: Path, framework: str, spec: dict[str, Any], workdir: Path)
     spec_file, result_file = workdir / f"spec-{framework}-{seed}.json", workdir / f"result-{framework}-{seed}.json"
     log = workdir / f"{framework}-{seed}.log"
     spec_file.write_text(json.dumps({**spec, "workdir": str(workdir)}))
-    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env.update(CHILD_ENV)
-    command = [str(python), str(Path(__file__).resolve()), "--child", framework, str(spec_file), str(result_file)]
-    with log.open("w") as out:
-        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir).returncode
+    code = run_script(python, Path(__file__), ["--child", framework, str(spec_file), str(result_file)], log, workdir)
     shutil.rmtree(workdir / framework, ignore_errors=True)
     if code:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
