@@ -14,6 +14,7 @@ import torch
 
 from kontinue.api.contract import InvalidInput
 from kontinue.storage import open_store
+from kontinue.trainer.backbones import resolve_checkpoint_name
 from kontinue.trainer.columns import column_roles
 from kontinue.trainer.predictor import Predictor
 
@@ -193,6 +194,24 @@ def test_images_and_a_dump_in_s3_through_the_storage_layer(timm_predictor, digit
     trained = best_weights(predictor.path)  # lr 0: the weights are the dump's
     assert all(torch.equal(value, trained["backbones.timm_image.model." + key]) for key, value in started.items()
                if "running" not in key and "num_batches" not in key)
+
+
+def test_a_dump_written_again_to_the_same_s3_uri_is_fetched_again(s3_server, monkeypatch, tmp_path):
+    """The local copy of an s3:// checkpoint_name follows the objects, not the URI alone."""
+    for key, value in s3_server.environ.items():
+        monkeypatch.setenv(key, value)
+    bucket = s3_server.make_bucket("dumps")
+    uri = f"s3://{bucket}/timm_image"
+    store = open_store(uri)
+    store.put_bytes("config.json", b'{"architecture": "first"}')
+    first = Path(resolve_checkpoint_name(uri))
+    assert resolve_checkpoint_name(uri) == str(first), "an unchanged dump is fetched once"
+    store.put_bytes("config.json", b'{"architecture": "second, longer"}')
+    again = Path(resolve_checkpoint_name(uri))
+    assert json.loads((again / "config.json").read_text())["architecture"] == "second, longer"
+    assert json.loads((first / "config.json").read_text())["architecture"] == "first"
+    with pytest.raises(InvalidInput, match=r"checkpoint_name: .*holds no files"):
+        resolve_checkpoint_name(f"s3://{bucket}/nothing-here")
 
 
 def test_a_repeated_family_takes_a_numeric_suffix_with_its_own_options_and_dump(images, tmp_path):

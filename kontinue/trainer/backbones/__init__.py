@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import json
 import os
 import random
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -140,18 +142,37 @@ def resolve_checkpoint_name(name: str) -> str:
     """A dumped folder as a local directory: an `s3://` URI is fetched into a local cache,
     a `file://` URI or a path is used in place; anything else stays a name (an architecture)."""
     if name.startswith("s3://"):
-        from kontinue.storage import open_store
-
-        local = Path(tempfile.gettempdir()) / "kontinue-checkpoints" / hashlib.sha256(name.encode()).hexdigest()[:16]
-        if not (local / ".complete").exists():
-            if not open_store(name).sync_down(local):
-                raise InvalidInput("hyperparameters.model.*.checkpoint_name", f"{name} holds no files")
-            (local / ".complete").touch()
-        return str(local)
+        return str(_fetched(name))
     if name.startswith("file://"):
         name = name[len("file://"):]
     expanded = os.path.expanduser(name)
     return expanded if os.path.isdir(expanded) else name
+
+
+def _fetched(uri: str) -> Path:
+    """The objects under `uri` in a local folder, cached under their listing (keys, sizes, digests,
+    times): a dump written again to the same URI is fetched again, never a stale copy. The folder
+    appears whole or not at all, so a fetch cut short is never taken for a complete one."""
+    from kontinue.storage import open_store
+
+    store = open_store(uri)
+    listing = sorted((info.key, info.size, info.sha256, info.modified) for info in store.list(""))
+    if not listing:
+        raise InvalidInput("hyperparameters.model.*.checkpoint_name", f"{uri} holds no files")
+    cache = Path(tempfile.gettempdir()) / "kontinue-checkpoints"
+    local = cache / hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()[:32]
+    if not local.is_dir():
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(dir=cache, prefix=".partial-"))
+        try:
+            store.sync_down(partial)
+            partial.rename(local)
+        except OSError:
+            if not local.is_dir():  # else another process fetched the same objects first
+                raise
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    return local
 
 
 @contextmanager
