@@ -79,6 +79,8 @@ def test_learning_rates_and_weight_decay_per_parameter(minilm_module, choice):
     assert head[1] == top[1] == 0.01
     assert rates["head.bias"][1] == rates[encoder + "embeddings.LayerNorm.weight"][1] == 0.0
     assert encoder + "encoder.layer.0.output.LayerNorm.weight" not in decayed_parameter_names(minilm_module)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert {(g["eps"], g["betas"]) for g in optimizer.param_groups} == {(1e-6, (0.9, 0.999))}, "AutoMM's constants"
 
 
 @pytest.mark.parametrize("name, at_half, at_end", [

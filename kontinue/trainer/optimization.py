@@ -87,10 +87,13 @@ def parameter_groups(module: nn.Module, layer_ids: dict[str, int], hp: dict[str,
 
 
 def create_optimizer(groups: list[dict[str, Any]], hp: dict[str, Any]) -> torch.optim.Optimizer:
-    optimizer_type = hp["optim.optim_type"]
+    """AutoMM's optimizers with its constants (AdamW's eps 1e-6, not torch's 1e-8; SGD's momentum 0.9)."""
+    optimizer_type, lr = hp["optim.optim_type"], hp["optim.lr"]
     if optimizer_type == "sgd":
-        return torch.optim.SGD(groups, lr=hp["optim.lr"], momentum=0.9)
-    return (torch.optim.AdamW if optimizer_type == "adamw" else torch.optim.Adam)(groups, lr=hp["optim.lr"])
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    if optimizer_type == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, eps=1e-6, betas=(0.9, 0.999))
+    return torch.optim.Adam(groups, lr=lr)
 
 
 def warmup_steps(hp: dict[str, Any], total_steps: int) -> int:
