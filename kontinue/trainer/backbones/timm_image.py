@@ -22,6 +22,7 @@ from kontinue.trainer.backbones import Backbone, Processor, register_backbone, r
 from kontinue.trainer.images import is_missing, load_image
 
 DUMP_CONFIG, DUMP_WEIGHTS = "config.json", "model.safetensors"
+DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
 
 @dataclass(frozen=True)
@@ -45,16 +46,21 @@ TRANSFORMS = {
 }
 
 
-def _source(options: TimmImageOptions, name: str, assets_dir: Path | None) -> tuple[str, Path | None]:
-    """(architecture, dumped folder or None): a dump's config.json names its architecture."""
+def _source(options: TimmImageOptions, name: str, assets_dir: Path | None) -> tuple[str, dict[str, Any], Path | None]:
+    """(architecture, the folder's stored data config, dumped folder or None): a dump's (or a saved
+    predictor's) config.json names its architecture and the input size and normalisation it was
+    trained with, which AutoMM also takes from a dump."""
     folder = assets_dir or Path(resolve_checkpoint_name(options.checkpoint_name))
     if folder.is_dir():
         config_file = folder / DUMP_CONFIG
         if not config_file.is_file():
             raise InvalidInput(f"hyperparameters.model.{name}.checkpoint_name",
                                f"{folder} is not a timm_image dump ({DUMP_CONFIG} missing)")
-        return json.loads(config_file.read_text())["architecture"], (None if assets_dir else folder)
-    return options.checkpoint_name, None
+        config = json.loads(config_file.read_text())
+        stored = config.get("pretrained_cfg") or {}
+        data = {key: stored[key] for key in DATA_CONFIG_KEYS if key in stored}
+        return config["architecture"], data, (None if assets_dir else folder)
+    return options.checkpoint_name, {}, None
 
 
 class ImageProcessor(Processor):
@@ -102,11 +108,12 @@ class TimmImageBackbone(Backbone):
         super().__init__(name, options)
         import timm
 
-        self.architecture, dumped = _source(options, name, assets_dir)
+        self.architecture, stored, dumped = _source(options, name, assets_dir)
         if not timm.is_model(self.architecture):
             raise InvalidInput(f"hyperparameters.model.{name}.checkpoint_name",
                                f"{self.architecture!r} is neither a timm architecture nor a timm_image dump")
-        overlay = {"file": str(dumped / DUMP_WEIGHTS), "num_classes": 0} if dumped else None
+        weights = {"file": str(dumped / DUMP_WEIGHTS)} if dumped else {}
+        overlay = {**stored, **weights, "num_classes": 0} if stored or dumped else None
         # Offline: an architecture name starts from random weights; a dump brings its trained ones.
         self.model = timm.create_model(self.architecture, pretrained=dumped is not None, num_classes=0,
                                        pretrained_cfg_overlay=overlay)
