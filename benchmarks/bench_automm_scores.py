@@ -15,9 +15,9 @@ Text: all-MiniLM-L6-v2 (a local directory), `model.names=["hf_text"]`, at most 1
 --epochs per fit. Images: scikit-learn's handwritten digits as 32-pixel PNG files,
 `model.names=["timm_image"]`, resnet18 starting from the same seeded random weights in both (nothing
 pretrained can be downloaded here; the parent writes them as a dump folder that each framework's
-`checkpoint_name` reads); 1 and 2 on --image-rows digits each, labelled "the digit is 5 or more", 3
-on the rows of 2 labelled "the digit is odd"; --image-epochs per fit. Each fit is scored on held-out
-rows (--test-rows, --image-test-rows) by this script: accuracy of `predict` and ROC AUC of
+`checkpoint_name` reads, with an input size of --image-size pixels, which both take from a dump);
+1 and 2 on --image-rows digits each, labelled "the digit is 5 or more", 3 on the rows of 2 labelled
+"the digit is odd"; --image-epochs per fit. Each fit is scored on held-out rows (--test-rows, --image-test-rows) by this script: accuracy of `predict` and ROC AUC of
 `predict_proba`. Both: batch 32 without gradient accumulation, the CPU, the same data-loader workers
 and torch threads. Everything else is each framework's default (learning rates and their layer-wise
 decay, schedule, validations per epoch, top-3 checkpoint averaging, eval metric, image size and
@@ -261,10 +261,11 @@ def write_tables(args, workdir: Path) -> dict[str, str]:
     return files
 
 
-def write_image_start(workdir: Path) -> str:
+def write_image_start(workdir: Path, size: int) -> str:
     """The same starting resnet18 for both frameworks (nothing pretrained is downloadable here):
     seeded random weights as a timm_image dump, the folder `model.timm_image.checkpoint_name` names
-    (config.json and model.safetensors, which kontinue reads; pytorch_model.bin, which AutoMM reads)."""
+    (config.json and model.safetensors, which kontinue reads; pytorch_model.bin, which AutoMM reads).
+    Its input size is `size`: both frameworks take a dump's input size as their default."""
     import timm
     import torch
     from safetensors.torch import save_file
@@ -274,7 +275,8 @@ def write_image_start(workdir: Path) -> str:
     folder = workdir / f"{IMAGE_ARCHITECTURE}-start"
     folder.mkdir()
     config = {"architecture": IMAGE_ARCHITECTURE, "num_classes": 0, "num_features": model.num_features,
-              "global_pool": "avg", "pretrained_cfg": {**model.pretrained_cfg, "num_classes": 0}}
+              "global_pool": "avg", "pretrained_cfg": {**model.pretrained_cfg, "num_classes": 0,
+                                                                   "input_size": [3, size, size]}}
     (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
     state = {key: value.contiguous() for key, value in model.state_dict().items()}
     save_file(state, folder / "model.safetensors")
@@ -315,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-tuning-rows", type=int, default=150)
     parser.add_argument("--image-test-rows", type=int, default=400)
     parser.add_argument("--image-epochs", type=int, default=2, help="epochs of every image fit")
+    parser.add_argument("--image-size", type=int, default=64, help="the input size of the starting resnet18 dump")
     parser.add_argument("--modalities", nargs="+", choices=list(MODALITIES), default=list(MODALITIES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workers", type=int, default=2, help="data-loader workers (AutoMM's default is 2)")
@@ -323,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-build", action="store_true", help="fail if AutoMM's venv is missing, never build it")
     args = parser.parse_args(argv)
     if min(args.rows, args.tuning_rows, args.test_rows, args.epochs, args.image_rows, args.image_tuning_rows,
-           args.image_test_rows, args.image_epochs, args.threads) < 1 or args.workers < 0:
+           args.image_test_rows, args.image_epochs, args.image_size, args.threads) < 1 or args.workers < 0:
         parser.error("sizes, --epochs and --threads must be at least 1, --workers not negative")
 
     start = time.perf_counter()
@@ -338,8 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     model = default_model_path()
     print(f"text: {model}; {args.rows} training rows per fit, {args.tuning_rows} tuning, {args.test_rows} test; "
           f"max length 128, {args.epochs} epoch(s) per fit")
-    print(f"images: {IMAGE_ARCHITECTURE} from the same seeded random weights; {args.image_rows} training rows per "
-          f"fit, {args.image_tuning_rows} tuning, {args.image_test_rows} test; {args.image_epochs} epoch(s) per fit")
+    print(f"images: {IMAGE_ARCHITECTURE} from the same seeded random weights at {args.image_size} pixels; "
+          f"{args.image_rows} training rows per fit, {args.image_tuning_rows} tuning, {args.image_test_rows} test; "
+          f"{args.image_epochs} epoch(s) per fit")
     print(f"both: batch 32, seeds {args.seeds}, {args.workers} loader workers, {args.threads} torch threads; "
           f"each framework's defaults otherwise", flush=True)
     pythons = {"kontinue": Path(sys.executable), "automm": venv_python(venv)}
@@ -347,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kontinue-bench-scores-") as scratch:
         workdir = Path(scratch)
         tables = write_tables(args, workdir)
-        models = {"text": model, "image": write_image_start(workdir) if "image" in args.modalities else None}
+        image_start = write_image_start(workdir, args.image_size) if "image" in args.modalities else None
+        models = {"text": model, "image": image_start}
         parity = layer_id_parity(pythons["automm"], model, workdir)
         print("layer ids for layer-wise decay, kontinue's against AutoMM's own assign_layer_ids:")
         for row in parity:
