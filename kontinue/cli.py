@@ -6,9 +6,14 @@ import argparse
 import importlib
 import sys
 
+from kontinue.trainer.signals import defer_stop_signals
+
 # Modules that define `register(subparsers)`; each subcommand sets `func` to its handler.
 _COMMAND_MODULES = ("kontinue.api.commands", "kontinue.trainer.commands", "kontinue.storage.commands",
                     "kontinue.operator.commands")
+# Commands that train keep a stop signal from their first instant, not only once the command modules
+# (pydantic, kopf, the S3 client) are imported: a pod deleted then still ends with a resume point.
+_TRAINING_COMMANDS = ("train", "run")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] and argv[0] in _TRAINING_COMMANDS:
+        defer_stop_signals()
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -14,8 +14,10 @@ import torch
 
 from kontinue.api.hyperparameters import (EARLIER_BEHAVIOUR, HyperparameterError, stored_hyperparameters,
                                           validate_hyperparameters)
+from kontinue.trainer.backbones.timm_image import TimmImageBackbone, TimmImageOptions
 from kontinue.trainer.columns import column_roles
 from kontinue.trainer.model import build_module, select_models
+from kontinue.trainer.module import PredictorModule
 from kontinue.trainer.optimization import decayed_parameter_names, encoder_layer_ids, schedule
 from kontinue.trainer.predictor import Predictor
 from kontinue.trainer.problem import Problem
@@ -81,6 +83,18 @@ def test_learning_rates_and_weight_decay_per_parameter(minilm_module, choice):
     assert encoder + "encoder.layer.0.output.LayerNorm.weight" not in decayed_parameter_names(minilm_module)
     assert isinstance(optimizer, torch.optim.AdamW)
     assert {(g["eps"], g["betas"]) for g in optimizer.param_groups} == {(1e-6, (0.9, 0.999))}, "AutoMM's constants"
+
+
+def test_heads_start_as_automm_starts_them(minilm_module):
+    """Xavier-uniform with zero biases over hf_text (and fused or tabular features); torch's default
+    over a timm model alone, as AutoMM's timm head."""
+    head = minilm_module.head
+    bound = math.sqrt(6 / (head.in_features + head.out_features))
+    assert not head.bias.any() and head.weight.abs().max() <= bound
+    timm = TimmImageBackbone("timm_image", TimmImageOptions("test_resnet", image_size=32), ["image"])
+    hp = validate_hyperparameters({"model.names": ["timm_image"]})
+    alone = PredictorModule({"timm_image": timm}, minilm_module.problem, hp).head
+    assert alone.bias.any(), "torch's default draws the bias too"
 
 
 @pytest.mark.parametrize("name, at_half, at_end", [

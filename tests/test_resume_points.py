@@ -17,9 +17,11 @@ import threading
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
+from kontinue.trainer.callbacks import validation_follows
 from kontinue.trainer.checkpoint_io import BackgroundWriter, snapshot
 from kontinue.trainer.ownership import Claimant
 from kontinue.trainer.rundir import POINTER, RunDirectory, open_run_directory
@@ -371,3 +373,49 @@ def _status(run_dir: Path) -> dict:
         return json.loads((run_dir / "status.json").read_text())
     except (OSError, ValueError):
         return {}
+
+
+class _Tiny(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("v", self.layer(batch[0]).mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class _Recorder(pl.Callback):
+    """Per training batch: what validation_follows predicted, and whether Lightning then validated."""
+
+    def __init__(self):
+        self.predicted, self.validated = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.predicted.append(validation_follows(trainer, batch_idx))
+        self.validated.append(False)
+
+    def on_validation_start(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.validated[-1] = True
+
+
+@pytest.mark.parametrize("interval, every_n_epochs, accumulate", [
+    (0.5, 1, 1), (0.5, 1, 3), (1.0, 2, 1), (4, 1, 2), (0.3, 3, 1)])
+def test_the_public_validation_rule_agrees_with_where_lightning_validates(tmp_path, interval, every_n_epochs,
+                                                                         accumulate):
+    """ResumePoints waits for a validation that follows a step; its rule is read from the Trainer's
+    public attributes and must agree with Lightning's loop (11 batches: odd, so fractions round)."""
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(44, 4)), batch_size=4)
+    recorder = _Recorder()
+    trainer = pl.Trainer(max_epochs=4, val_check_interval=interval, check_val_every_n_epoch=every_n_epochs,
+                         accumulate_grad_batches=accumulate, num_sanity_val_steps=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[recorder], default_root_dir=tmp_path)
+    trainer.fit(_Tiny(), data, data)
+    assert any(recorder.validated) and recorder.predicted == recorder.validated

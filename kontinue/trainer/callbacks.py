@@ -116,6 +116,21 @@ class _Vote:
         return votes.tolist()
 
 
+def validation_follows(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """Whether Lightning validates right after this training batch, from the Trainer's public
+    attributes: its rule for the loaders and intervals a fit configures (a sized training loader, a
+    fraction of an epoch or a number of batches, every Nth epoch)."""
+    every = trainer.check_val_every_n_epoch
+    if not trainer.enable_validation or (every is not None and (trainer.current_epoch + 1) % every):
+        return False
+    if trainer.should_stop:
+        return True
+    if trainer.val_check_batch == float("inf"):
+        return trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+    iteration = batch_idx if every is not None else trainer.fit_loop.epoch_loop.total_batch_idx
+    return (iteration + 1) % trainer.val_check_batch == 0
+
+
 # What a failed background write is, in a vote: 1 superseded (stop, nothing lost), 2 any other failure.
 _SUPERSEDED, _WRITE_FAILED = 1, 2
 
@@ -139,6 +154,8 @@ class ResumePoints(pl.Callback):
         self._stop_agreed = False
         self._last_save = time.monotonic()
         self._save_pending = False
+        self._steps_seen = 0
+        self._mid_step = False  # the last batch accumulated gradients without an optimizer step
         self._vote: _Vote | None = None
         self._previous_handlers: dict[int, Any] = {}
 
@@ -155,6 +172,7 @@ class ResumePoints(pl.Callback):
             self.stop_requested = True
             trainer._signal_connector.received_sigterm = False
         self._vote = _Vote(trainer)
+        self._steps_seen = trainer.global_step
         self._stop_agreed = trainer.strategy.reduce_boolean_decision(self.stop_requested, all=False)
         if trainer.ckpt_path is None:  # the starting weights are state too (pretrained or continued)
             self._save(trainer)
@@ -202,9 +220,10 @@ class ResumePoints(pl.Callback):
             raise Preempted(trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        epoch_loop = trainer.fit_loop.epoch_loop
-        if epoch_loop._should_accumulate():
+        self._mid_step = trainer.global_step == self._steps_seen  # no optimizer step in this batch
+        if self._mid_step:
             return
+        self._steps_seen = trainer.global_step
         stop, time_due, failure = self._vote.cast([self.stop_requested, self._time_due(), self._write_failure()])
         if failure:
             self._raise_write_failure(trainer, failure)
@@ -212,7 +231,7 @@ class ResumePoints(pl.Callback):
         steps_due = bool(self.every_n_steps and trainer.global_step % self.every_n_steps == 0)
         self._save_pending = self._save_pending or self._stop_agreed or bool(time_due) or steps_due
         # When a validation follows this step, the resume point waits until it is done.
-        if self._save_pending and not epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+        if self._save_pending and not validation_follows(trainer, batch_idx):
             self._save(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -225,8 +244,7 @@ class ResumePoints(pl.Callback):
         # part of a checkpoint, so the save then waits for the step to complete.
         # Lightning does not resume correctly from a checkpoint taken at an epoch's last
         # validation (the resumed fit ends early), so that save moves to the next step.
-        epoch_loop = trainer.fit_loop.epoch_loop
-        if epoch_loop._should_accumulate() or epoch_loop.batch_progress.is_last_batch:
+        if self._mid_step or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             self._save_pending = self._save_pending or self._stop_agreed or (
                 not self._vote.distributed and self._time_due())
             return

@@ -59,8 +59,10 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def create_head(widths: list[int], outputs: int, names: list[str], hyperparameters: dict[str, Any]) -> nn.Module:
-    """fusion_mlp when model.names asks for it and there is more than one backbone to fuse."""
+def create_head(widths: list[int], outputs: int, names: list[str], hyperparameters: dict[str, Any],
+                xavier: bool) -> nn.Module:
+    """fusion_mlp when model.names asks for it and there is more than one backbone to fuse; with
+    `xavier`, AutoMM's initialisation, else torch's default (AutoMM's head on a timm model)."""
     if len(widths) > 1 and any(name in FUSION_HEADS for name in names):
         options = FusionOptions(
             hidden_sizes=tuple(hyperparameters["model.fusion_mlp.hidden_sizes"]),
@@ -69,5 +71,6 @@ def create_head(widths: list[int], outputs: int, names: list[str], hyperparamete
         head: nn.Module = FusionMLP(widths, outputs, options)
     else:
         head = LinearHead(widths, outputs)
-    head.apply(init_weights)
+    if xavier:
+        head.apply(init_weights)
     return head

@@ -21,7 +21,9 @@ class PredictorModule(pl.LightningModule):
                  total_steps: int = 1):
         super().__init__()
         self.backbones = nn.ModuleDict(backbones)
-        self.head = problem.create_head([b.out_features for b in backbones.values()], hyperparameters)
+        # AutoMM's heads start Xavier-uniform, except the one it puts on a timm model alone
+        xavier = len(backbones) > 1 or all(b.xavier_head for b in backbones.values())
+        self.head = problem.create_head([b.out_features for b in backbones.values()], hyperparameters, xavier)
         self.problem = problem
         self.hyperparameters = hyperparameters
         self.total_steps = total_steps

@@ -78,9 +78,9 @@ class Problem:
         return HIGHER_IS_BETTER[self.eval_metric]
 
     # -- how a model for this problem is trained and read; a detector overrides these --------------
-    def create_head(self, widths: list[int], hyperparameters: dict[str, Any]) -> torch.nn.Module:
+    def create_head(self, widths: list[int], hyperparameters: dict[str, Any], xavier: bool) -> torch.nn.Module:
         """A linear layer over one backbone, fusion_mlp over several."""
-        return create_head(widths, self.num_outputs, hyperparameters["model.names"], hyperparameters)
+        return create_head(widths, self.num_outputs, hyperparameters["model.names"], hyperparameters, xavier)
 
     def outputs(self, module: torch.nn.Module, batch: dict[str, Any]) -> Any:
         return module(batch).float()
@@ -239,7 +239,7 @@ class ObjectDetectionProblem(Problem):
                  for box, score, label in zip(output["boxes"], output["scores"], output["labels"])]
                 for output in outputs]
 
-    def create_head(self, widths: list[int], hyperparameters: dict[str, Any]) -> torch.nn.Module:
+    def create_head(self, widths: list[int], hyperparameters: dict[str, Any], xavier: bool) -> torch.nn.Module:
         if len(widths) != 1:
             raise InvalidInput("hyperparameters.model.names", "object_detection takes exactly one detector")
         return torch.nn.Identity()  # the detector has its own

@@ -120,6 +120,10 @@ class Backbone(nn.Module):
     def columns(self) -> list[str]:
         return self.processor.columns
 
+    #: Whether the head over this family alone starts Xavier-uniform, as AutoMM's (its hf_text and
+    #: tabular heads do; its timm_image head keeps torch's default initialisation).
+    xavier_head: ClassVar[bool] = True
+
     #: AutoMM's layer-id rule for layer-wise learning-rate decay: (the pretrained model's attribute,
     #: name parts before its encoder, name parts after it); None: nothing here is pretrained.
     layer_rule: ClassVar[tuple[str, tuple[str, ...], tuple[str, ...]] | None] = None

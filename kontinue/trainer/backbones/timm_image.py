@@ -102,6 +102,7 @@ class TimmImageBackbone(Backbone):
     modality = "image"
     Options = TimmImageOptions
     layer_rule = ("model", ("embed", "cls_token", "stem", "bn1", "conv1"), ("head", "norm", "bn2"))
+    xavier_head = False
 
     def __init__(self, name: str, options: TimmImageOptions, columns: list[str], *,
                  data: pd.DataFrame | None = None, assets_dir: Path | None = None, **_: Any):
