@@ -8,12 +8,15 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from kontinue.api.hyperparameters import (EARLIER_BEHAVIOUR, HyperparameterError, stored_hyperparameters,
                                           validate_hyperparameters)
+from kontinue.trainer.augment import OPERATIONS, TrivialAugment
 from kontinue.trainer.backbones.timm_image import TimmImageBackbone, TimmImageOptions
 from kontinue.trainer.columns import column_roles
 from kontinue.trainer.model import build_module, select_models
@@ -214,3 +217,24 @@ def test_sigterm_at_random_steps_with_top_k_averaging_ends_with_a_bit_identical_
     assert ours["soup"] == theirs["soup"] and len(ours["soup"]["steps"]) == 3 and ours["score"] == theirs["score"]
     assert [a["outcome"] for a in status["attempts"]] == ["preempted"] * 3 + ["completed"]
     assert has_no_resume_points(run_dir)
+
+
+def test_trivial_augment_is_automms_mild_one_and_repeats_under_a_seed():
+    """AutoMM's operations and ranges (rotations within 30 degrees, shifts within 10 pixels), not
+    torchvision's TrivialAugmentWide; each draw from torch's RNG, which the loader seeds per sample."""
+    image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8"))
+    for operation in OPERATIONS:
+        for level in (0.0, 0.5, 1.0):
+            out = operation(image, level)
+            assert out.size == image.size and out.mode == "RGB"
+    marker = Image.new("RGB", (64, 64))
+    marker.putpixel((32, 10), (255, 255, 255))
+    shifted = np.argwhere(np.asarray(OPERATIONS[-1](marker, 1.0))[..., 0] > 0)
+    assert [abs(r - 10) for r, _ in shifted] == [10], "the strongest shift is 10 pixels"
+
+    def draws(seed: int) -> list[np.ndarray]:
+        torch.manual_seed(seed)
+        return [np.asarray(TrivialAugment()(image)) for _ in range(30)]
+    assert all((a == b).all() for a, b in zip(draws(1), draws(1)))
+    assert TimmImageBackbone("timm_image", TimmImageOptions("test_resnet", image_size=32), ["image"]) \
+        .processor._transform(training=True).transforms[2].__class__ is TrivialAugment

@@ -18,6 +18,7 @@ import torch
 from torchvision import transforms as T
 
 from kontinue.api.contract import InvalidInput
+from kontinue.trainer.augment import TrivialAugment
 from kontinue.trainer.backbones import Backbone, Processor, register_backbone, resolve_checkpoint_name
 from kontinue.trainer.images import is_missing, load_image
 
@@ -42,7 +43,7 @@ TRANSFORMS = {
     "random_vertical_flip": lambda size, interpolation: T.RandomVerticalFlip(),
     "color_jitter": lambda size, interpolation: T.ColorJitter(0.4, 0.4, 0.4),
     "affine": lambda size, interpolation: T.RandomAffine(15, translate=(0.1, 0.1), scale=(0.9, 1.1)),
-    "trivial_augment": lambda size, interpolation: T.TrivialAugmentWide(interpolation=interpolation),
+    "trivial_augment": lambda size, interpolation: TrivialAugment(),
 }
 
 
