@@ -339,11 +339,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {describe_machine()}")
     print(f"AutoMM {AUTOMM_VERSION} venv: {venv} ({'built now' if built else 'reused, built ' + record['built']})")
     model = default_model_path()
-    print(f"text: {model}; {args.rows} training rows per fit, {args.tuning_rows} tuning, {args.test_rows} test; "
-          f"max length 128, {args.epochs} epoch(s) per fit")
-    print(f"images: {IMAGE_ARCHITECTURE} from the same seeded random weights at {args.image_size} pixels; "
-          f"{args.image_rows} training rows per fit, {args.image_tuning_rows} tuning, {args.image_test_rows} test; "
-          f"{args.image_epochs} epoch(s) per fit")
+    if "text" in args.modalities:
+        print(f"text: {model}; {args.rows} training rows per fit, {args.tuning_rows} tuning, {args.test_rows} test; "
+              f"max length 128, {args.epochs} epoch(s) per fit")
+    if "image" in args.modalities:
+        print(f"images: {IMAGE_ARCHITECTURE} from the same seeded random weights at {args.image_size} pixels; "
+              f"{args.image_rows} training rows per fit, {args.image_tuning_rows} tuning, {args.image_test_rows} "
+              f"test; {args.image_epochs} epoch(s) per fit")
     print(f"both: batch 32, seeds {args.seeds}, {args.workers} loader workers, {args.threads} torch threads; "
           f"each framework's defaults otherwise", flush=True)
     pythons = {"kontinue": Path(sys.executable), "automm": venv_python(venv)}
