@@ -17,8 +17,8 @@ Text: all-MiniLM-L6-v2 (a local directory), `model.names=["hf_text"]`, at most 1
 pretrained can be downloaded here; the parent writes them as a dump folder that each framework's
 `checkpoint_name` reads, with an input size of --image-size pixels, which both take from a dump);
 1 and 2 on --image-rows digits each, labelled "the digit is 5 or more", 3 on the rows of 2 labelled
-"the digit is odd"; --image-epochs per fit. Each fit is scored on held-out rows (--test-rows, --image-test-rows) by this script: accuracy of `predict` and ROC AUC of
-`predict_proba`. Both: batch 32 without gradient accumulation, the CPU, the same data-loader workers
+"the digit is odd"; --image-epochs per fit. Each fit is scored on held-out rows (--test-rows,
+--image-test-rows) by this script: accuracy of `predict` and ROC AUC of `predict_proba`. Both: batch 32 without gradient accumulation, the CPU, the same data-loader workers
 and torch threads. Everything else is each framework's default (learning rates and their layer-wise
 decay, schedule, validations per epoch, top-3 checkpoint averaging, eval metric, image size and
 transforms), except AutoMM's text augmentation, which is off by default and would call

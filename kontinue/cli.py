@@ -11,8 +11,9 @@ from kontinue.trainer.signals import defer_stop_signals
 # Modules that define `register(subparsers)`; each subcommand sets `func` to its handler.
 _COMMAND_MODULES = ("kontinue.api.commands", "kontinue.trainer.commands", "kontinue.storage.commands",
                     "kontinue.operator.commands")
-# Commands that train keep a stop signal from their first instant, not only once the command modules
-# (pydantic, kopf, the S3 client) are imported: a pod deleted then still ends with a resume point.
+# Commands that train keep a stop signal (kontinue.trainer.signals) from their first instant, before
+# the command modules (pydantic, kopf, the S3 client) are imported: a pod deleted then still ends with a
+# resume point. Installed here only, for both commands.
 _TRAINING_COMMANDS = ("train", "run")
 
 

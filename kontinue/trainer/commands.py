@@ -16,7 +16,6 @@ from kontinue.api.contract import INVALID_SPEC_EXIT_CODE, InvalidInput
 from kontinue.api.manifests import Problem, SpecError, load_manifest, parse_resource
 from kontinue.api.models import TrainingRun, TransferRun
 from kontinue.api.reports import dumps
-from kontinue.trainer.signals import defer_stop_signals
 
 if TYPE_CHECKING:  # the runner imports torch: only once a run starts
     from kontinue.trainer.runner import Outcome
@@ -89,7 +88,6 @@ def _other_rank() -> bool:
 
 
 def _train(args: argparse.Namespace) -> int:
-    defer_stop_signals()
     from kontinue.trainer.runner import report_to_stdout, write_termination_message
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -108,7 +106,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    defer_stop_signals()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("kontinue").setLevel(logging.INFO)
     _quiet_libraries()
