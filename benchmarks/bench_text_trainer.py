@@ -12,45 +12,61 @@ rows and the same batches (same order, same dynamic padding), on the CPU:
    the other does not. Repeated --repeats times.
 2. The stall per periodic resume point, with `env.checkpoint_every_n_steps` set, for a local run
    directory and (unless --no-s3) an S3 run directory on moto's ThreadedMotoServer at 127.0.0.1
-   (in a child process unless --moto-in-process), each in two modes:
-   - asynchronous: the code as it is. `Trainer.save_checkpoint` hands the state to
-     `ResumePointIO.save_checkpoint`, which copies it (the snapshot) and submits the write to the
-     `BackgroundWriter`; `RunDirectory.write_resume_point` then streams it into
-     checkpoints/step-N.ckpt (local: a temp file renamed into place; S3: a multipart upload) and
-     moves last.json, while training goes on.
-   - synchronous reference: the same code with every write waited for right after it is taken.
-     The benchmark wraps `ResumePointIO.save_checkpoint` so that it calls `self.writer.flush()`
-     after submitting: the step that takes a resume point lasts until the point is durable, which is
-     how the old blocking behaviour is reproduced on the new code path. (The older layout, a
+   (in a child process unless --moto-in-process), each in three modes, taken in turn in one fit
+   (the step-0 point at train start in the first mode, then the periodic points cycle through the
+   three), so all three run under the same load, interleaved:
+   - helper process: the code as it is. `Trainer.save_checkpoint` hands the state to
+     `ResumePointIO.save_checkpoint`, which copies its tensors into a shared-memory buffer (the
+     snapshot, a `kontinue.trainer.serializer.Snapshot` bound to the `SerializerProcess`) and
+     submits the write to the `BackgroundWriter`; its thread runs `RunDirectory.write_resume_point`,
+     which hands the snapshot to the helper process (`python -m kontinue.trainer.serializer`, at
+     nice 10), where torch.save streams it into checkpoints/step-N.ckpt (local: a temp file renamed
+     into place; S3: a multipart upload) with its sha256; the writer thread then moves last.json,
+     while training goes on.
+   - trainer thread: the previous asynchronous path. The same snapshot, but with no serializer
+     (the benchmark sets `plugin.writer.serializer = None` around `ResumePointIO.save_checkpoint`,
+     where the snapshot is made, and restores it afterwards), so the BackgroundWriter's thread
+     serialises, hashes and writes / uploads it in the trainer's own process.
+   - synchronous reference: the trainer-thread path with every write waited for right after it is
+     taken. The benchmark's `ResumePointIO.save_checkpoint` wrapper calls `self.writer.flush()`
+     after submitting: the step that takes a resume point lasts until the point is durable, which
+     is how the old blocking behaviour is reproduced on the new code path. (The older layout, a
      scratch file copied or renamed into last.ckpt and uploaded in the step, is gone from the code;
      its figures are in benchmarks/README.md.)
-   For each: the checkpoint's size; how long the loop was blocked in `Trainer.save_checkpoint`
+   The S3 fit runs once per --moto-nice value (default: 0 and 19), with moto's server process at
+   that niceness. A real S3 endpoint does not run on the trainer's machine; moto does, and at nice
+   0 it takes about 3.5 CPU-seconds per 271 MB point from training's two cores. At nice 19 it gets
+   only what training (and the helper process, at nice 10) leaves, which models a remote endpoint
+   more faithfully. (With --moto-in-process moto runs in the benchmark's process and there is one
+   S3 fit, at the benchmark's own niceness.)
+   For each mode: the checkpoint's size; how long the loop was blocked in `Trainer.save_checkpoint`
    (Lightning collecting the state + the snapshot in ResumePointIO.save_checkpoint [+ the wait,
    synchronous only]); the background write from when the point was taken to when last.json named
-   it (queued, serialize + write/upload, last.json; then status.json and deleting older points) and
-   the writer thread's CPU time; and the stall per resume point, as seconds, as a multiple of the
-   median step, and as a share of wall time at the default interval (one point per
+   it (queued, serialize + write/upload, last.json; then status.json and deleting older points);
+   the writer thread's CPU time, the helper process's CPU time during the write (helper-process
+   points) and, for S3 in a child process, moto's; and the stall per resume point, as seconds, as a
+   multiple of the median step, and as a share of wall time at the default interval (one point per
    `env.checkpoint_every_n_minutes`, 5 minutes: stall / 300 s), each next to the issue's goal (a
    stall within 1.5 median steps; under 2 % of wall time) and whether it is met.
 
    The stall. Written in the background, a point does not make the step that takes it much longer,
-   but the writer thread (and the upload's threads) compete with training for the CPU until the
-   point is durable, so the steps after it are slower. The stall per resume point is therefore the
-   extra time of every step from the save until its write is done (Trainer.save_checkpoint called ->
-   write_resume_point returned): the sum over those steps of (step - median step that overlaps no
-   write). The checkpointing fits run in lock-step with a plain fit as well (load reference), and
-   the writer also runs during the plain steps in between, so the sum is over both loops' steps
-   (the plain steps' extra time against the plain median); a run on its own would lose about the
-   same time in its own steps. Writes that touch a common step are counted together and their extra
-   time shared. For the synchronous reference the window ends inside the step that took the point,
-   so this is the old "step with a save minus the median step". Also given against the lock-step
-   plain step, as before: the sum over the window's kontinue steps of (kontinue step - plain step
-   on the same batch) minus the median of that difference over steps that overlap no write. That
-   cancels the machine's load; for the asynchronous path it also cancels what the writer costs the
-   plain steps, so it counts mainly the loop's own part (the snapshot). A point whose window
-   touches an untimed step (train start with its step-0 point, warm-up, a validation or the fit's
-   end) is not counted; steps that overlap any write (also the best model's after a validation)
-   are not "normal" steps.
+   but the writer thread, the helper process and the upload's threads compete with training for
+   the CPU until the point is durable, so the steps after it are slower. The stall per resume point
+   is therefore the extra time of every step from the save until its write is done
+   (Trainer.save_checkpoint called -> write_resume_point returned): the sum over those steps of
+   (step - median step that overlaps no write). The checkpointing fits run in lock-step with a
+   plain fit as well (load reference), and the writer also runs during the plain steps in between,
+   so the sum is over both loops' steps (the plain steps' extra time against the plain median); a
+   run on its own would lose about the same time in its own steps. Writes that touch a common step
+   are counted together and their extra time shared. For the synchronous reference the window ends
+   inside the step that took the point, so this is the old "step with a save minus the median
+   step". Also given against the lock-step plain step, as before: the sum over the window's
+   kontinue steps of (kontinue step - plain step on the same batch) minus the median of that
+   difference over steps that overlap no write. That cancels the machine's load; for the
+   asynchronous modes it also cancels what the writer costs the plain steps, so it counts mainly
+   the loop's own part (the snapshot). A point whose window touches an untimed step (train start
+   with its step-0 point, warm-up, a validation or the fit's end) is not counted; steps that
+   overlap any write (also the best model's after a validation) are not "normal" steps.
 
 Only training steps are timed. A step's time runs from one `on_train_batch_start` to the next, so it
 includes the forward, backward and optimizer step, every callback (a resume point taken in
@@ -59,13 +75,15 @@ The first --warmup steps and every step with a validation or an epoch boundary i
 Model loading, tokenization and the rest of the set-up are not timed.
 
     python benchmarks/bench_text_trainer.py [--rows N] [--model PATH] [--steps N] [--repeats K]
-        [--checkpoint-every N] [--checkpoint-steps N] [--no-s3] [--moto-in-process]
+        [--checkpoint-every N] [--checkpoint-steps N] [--no-s3] [--moto-nice N [N ...]]
+        [--moto-in-process]
 
 The benchmark reaches into the trainer where product code must not: while `Predictor.fit` runs it
 wraps `lightning.pytorch.Trainer.__init__` to append its timing callback, and it wraps
 `Trainer.save_checkpoint`, `ResumePointIO.save_checkpoint`, `BackgroundWriter.submit`,
-`RunDirectory.write_resume_point`, `Store.writer` and `Store.write_text` to time the resume points
-(and, for the synchronous reference, to wait for each write).
+`RunDirectory.write_resume_point`, `Snapshot.write` and `Store.write_text` to time the resume points
+(and, for the trainer-thread modes, to unbind the snapshot from the helper process; for the
+synchronous reference, to wait for each write).
 """
 
 from __future__ import annotations
@@ -101,8 +119,11 @@ from kontinue.storage import S3Config, S3Store, Store  # noqa: E402
 from kontinue.trainer.checkpoint_io import BackgroundWriter, ResumePointIO  # noqa: E402
 from kontinue.trainer.predictor import Predictor  # noqa: E402
 from kontinue.trainer.rundir import POINTER, RunDirectory, open_run_directory  # noqa: E402
+from kontinue.trainer.serializer import SerializerProcess, Snapshot  # noqa: E402
 
 SEED = 0
+HELPER, THREAD, SYNC = "helper process", "trainer thread", "synchronous reference"
+MODES = (HELPER, THREAD, SYNC)  # the order a fit's resume points take them in
 
 
 # -- data ---------------------------------------------------------------------------------------------
@@ -238,17 +259,24 @@ class SaveRecord:
     key: str
     step: int
     taken: float  # Trainer.save_checkpoint called
-    synchronous: bool = False  # the synchronous reference: the step waited until the point was durable
+    mode: str = HELPER  # HELPER | THREAD (no serializer: the writer thread serialises) | SYNC (THREAD, waited for)
     returned: float = 0.0  # Trainer.save_checkpoint returned: the loop goes on
     snapshot: float = 0.0  # inside ResumePointIO.save_checkpoint: the copy of the state, handed to the writer
     waited: float = 0.0  # the synchronous reference only: waiting in the step for the write (writer.flush)
     write_start: float = 0.0  # the writer thread starts RunDirectory.write_resume_point
-    streamed: float = 0.0  # the object and its sha256 are stored (serialised and written / uploaded)
+    streamed: float = 0.0  # Snapshot.write returned: the object and its sha256 are stored (serialised, written)
     durable: float = 0.0  # last.json names it
     write_end: float = 0.0  # write_resume_point returned (status.json updated, older points deleted)
     writer_cpu: float = 0.0  # CPU time of the writer thread in write_resume_point (not the upload's threads)
+    helper_cpu: float | None = None  # CPU time of the serializer's helper process meanwhile (HELPER points)
+    in_helper: bool = False  # Snapshot.write went through the helper (not the writer thread's fallback)
     server_cpu: float | None = None  # CPU time of moto's server process meanwhile (S3, child process only)
     size: int = 0
+
+    @property
+    def synchronous(self) -> bool:
+        """The synchronous reference: the step waited until the point was durable."""
+        return self.mode == SYNC
 
     @property
     def blocked(self) -> float:
@@ -266,6 +294,12 @@ class SaveRecord:
 
 
 MOTO_SERVER: dict[str, int | None] = {"pid": None}  # moto's child process while it runs
+
+
+def helper_pid(serializer: SerializerProcess | None) -> int | None:
+    """The pid of the serializer's helper process while it runs."""
+    process = getattr(serializer, "_process", None)
+    return process.pid if process is not None else None
 
 
 def process_cpu(pid: int | None) -> float | None:
@@ -293,11 +327,13 @@ class BackgroundJob:
 class SaveProbe:
     """Times every resume point, in the loop and in the background writer, while installed.
 
-    For a synchronous point, ResumePointIO.save_checkpoint also waits for the write it handed over
+    For a trainer-thread or synchronous point, ResumePointIO.save_checkpoint runs with the writer's
+    serializer unset, so its snapshot is written in the BackgroundWriter's thread (the previous
+    asynchronous path); for a synchronous point it also waits for the write it handed over
     (`self.writer.flush()` after submitting): the old blocking behaviour, on the new code path.
-    `alternate`: the resume points a fit takes are asynchronous and synchronous in turn (the
-    step-0 point at train start asynchronous, then the first periodic point, then a synchronous
-    one, ...), so both modes run under the same load, interleaved.
+    `alternate`: the resume points a fit takes cycle through MODES (the step-0 point at train
+    start in the first, HELPER; then the periodic points HELPER, THREAD, SYNC, HELPER, ...), so all
+    modes run under the same load, interleaved. Without it every point is HELPER.
     """
 
     def __init__(self, alternate: bool = False) -> None:
@@ -320,13 +356,14 @@ class SaveProbe:
         original_io_save = ResumePointIO.save_checkpoint
         original_write = RunDirectory.write_resume_point
         original_submit = BackgroundWriter.submit
-        original_writer = Store.writer
+        original_snapshot_write = Snapshot.write
         original_write_text = Store.write_text
 
         def trainer_save_checkpoint(trainer, filepath, *args, **kwargs):
             key = str(filepath)
-            record = SaveRecord(key, trainer.global_step, time.perf_counter(),
-                                synchronous=probe.alternate and len(probe.saves) % 2 == 0 and bool(probe.saves))
+            taken = len(probe.saves)  # the step-0 point, then the periodic ones
+            mode = MODES[(taken - 1) % len(MODES)] if probe.alternate and taken else MODES[0]
+            record = SaveRecord(key, trainer.global_step, time.perf_counter(), mode=mode)
             probe._by_key[key] = record
             probe.saves.append(record)
             try:
@@ -336,10 +373,14 @@ class SaveProbe:
 
         def io_save_checkpoint(plugin, checkpoint, path, *args, **kwargs):
             record = probe._by_key.get(str(path))
+            serializer = plugin.writer.serializer
+            if record is not None and record.mode != HELPER:  # the snapshot is made in there: unbound
+                plugin.writer.serializer = None
             start = time.perf_counter()
             try:
                 original_io_save(plugin, checkpoint, path, *args, **kwargs)
             finally:
+                plugin.writer.serializer = serializer
                 if record is not None:
                     record.snapshot = time.perf_counter() - start
             if record is not None and record.synchronous:  # the reference: the step waits until it is durable
@@ -352,7 +393,8 @@ class SaveProbe:
             probe._thread.record, probe._thread.ran_resume_point = record, True
             if record is not None:
                 record.write_start = time.perf_counter()
-            cpu, server = time.thread_time(), process_cpu(MOTO_SERVER["pid"])
+            helper = helper_pid(getattr(checkpoint, "serializer", None))  # None: written in this thread
+            cpu, server, helper_cpu = time.thread_time(), process_cpu(MOTO_SERVER["pid"]), process_cpu(helper)
             try:
                 point = original_write(run_dir, checkpoint, key, *args, **kwargs)
                 if record is not None and isinstance(point, dict):
@@ -365,6 +407,8 @@ class SaveProbe:
                     record.writer_cpu = time.thread_time() - cpu
                     if server is not None and (now := process_cpu(MOTO_SERVER["pid"])) is not None:
                         record.server_cpu = now - server
+                    if helper_cpu is not None and (now := process_cpu(helper)) is not None:
+                        record.helper_cpu = now - helper_cpu
 
         def submit(writer, write, what, *args, **kwargs):
             job = BackgroundJob(str(what), time.perf_counter())
@@ -381,13 +425,15 @@ class SaveProbe:
 
             return original_submit(writer, timed_write, what, *args, **kwargs)
 
-        @contextlib.contextmanager
-        def writer(store, key, *args, **kwargs):
-            with original_writer(store, key, *args, **kwargs) as out:
-                yield out
+        def snapshot_write(snapshot, store, key, *args, **kwargs):
+            info = original_snapshot_write(snapshot, store, key, *args, **kwargs)
             record = getattr(probe._thread, "record", None)
             if record is not None and key == record.key:
                 record.streamed = time.perf_counter()
+                # Ready when it was asked: the helper wrote it (else this thread did, while it started).
+                serializer = snapshot.serializer
+                record.in_helper = serializer is not None and bool(getattr(serializer, "_ready", False))
+            return info
 
         def write_text(store, key, *args, **kwargs):
             result = original_write_text(store, key, *args, **kwargs)
@@ -401,7 +447,7 @@ class SaveProbe:
             (ResumePointIO, "save_checkpoint"): io_save_checkpoint,
             (RunDirectory, "write_resume_point"): write_resume_point,
             (BackgroundWriter, "submit"): submit,
-            (Store, "writer"): writer,
+            (Snapshot, "write"): snapshot_write,
             (Store, "write_text"): write_text,
         }
         originals = {(owner, name): owner.__dict__.get(name) for owner, name in replacements}
@@ -533,12 +579,12 @@ def best_of(runs: list[RunResult]) -> dict[int, float]:
 
 def _extra_steps(args) -> int:
     """How far a checkpointing fit may go past its steps for a write to end within timed steps."""
-    return 2 * args.checkpoint_every
+    return 2 * max(args.checkpoint_every, args.s3_checkpoint_every)
 
 
 def _step_cap(args) -> int:
     """A fallback limit; the timer normally stops the fit once it has its steps."""
-    return args.warmup + 2 * max(args.steps, args.checkpoint_steps) + _extra_steps(args) + 10
+    return args.warmup + 2 * max(args.steps, args.checkpoint_steps, args.s3_checkpoint_steps) + _extra_steps(args) + 10
 
 
 def run_plain(args, train: pd.DataFrame, timer: StepTimer) -> RunResult:
@@ -705,13 +751,10 @@ def _contiguous(steps: list[Step]) -> bool:
     return numbers == list(range(numbers[0], numbers[0] + len(numbers))) if numbers else True
 
 
-ASYNC, SYNC = "asynchronous", "synchronous reference"
-
-
 @dataclass
 class Stall:
     where: str
-    mode: str  # ASYNC | SYNC
+    mode: str  # one of MODES
     every: int
     median_normal: float  # kontinue's median step that overlaps no write
     median_plain: float
@@ -750,7 +793,7 @@ class Stall:
 
 
 def stalls_of(result: RunResult, plain: RunResult, where: str, every: int) -> list[Stall]:
-    """The stall of the fit's asynchronous points and of its synchronous ones, if it took any."""
+    """The stall of the fit's points in each mode it took any in (MODES' order)."""
     clusters, normal, normal_plain = clusters_of(result, plain)
     median_k = statistics.median(end - start for _, start, end in normal) if normal else float("nan")
     median_p = statistics.median(end - start for _, start, end in normal_plain) if normal_plain else float("nan")
@@ -758,15 +801,14 @@ def stalls_of(result: RunResult, plain: RunResult, where: str, every: int) -> li
     paired_normal = [end - start - plain_by_batch[number] for number, start, end in normal if number in plain_by_batch]
     median_paired = statistics.median(paired_normal) if paired_normal else float("nan")
     stalls = []
-    for mode in (ASYNC, SYNC):
-        synchronous = mode == SYNC
-        saves = [save for save in result.saves if save.synchronous == synchronous]
+    for mode in MODES:
+        saves = [save for save in result.saves if save.mode == mode]
         if not saves:
             continue
         per_point, per_kontinue, per_paired, spans, saving = [], [], [], [], []
         counted = 0
         for cluster in clusters:
-            if not cluster.complete or any(save.synchronous != synchronous for save in cluster.saves):
+            if not cluster.complete or any(save.mode != mode for save in cluster.saves):
                 continue
             count = len(cluster.saves)
             counted += count
@@ -787,7 +829,8 @@ def stalls_of(result: RunResult, plain: RunResult, where: str, every: int) -> li
 
 
 MOTO_CHILD = """
-import logging, sys
+import logging, os, sys
+os.nice(int(sys.argv[1]))  # before any thread starts: on Linux a thread's niceness is its own, inherited
 from moto.server import ThreadedMotoServer
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
 server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -799,11 +842,11 @@ server.stop()
 
 
 @contextlib.contextmanager
-def moto_s3(in_process: bool = False) -> Iterator[None]:
-    """moto's ThreadedMotoServer at 127.0.0.1, in a child process (by default: its request handling
-    then does not take the training loop's GIL, as a real S3 endpoint would not; it still shares
-    the machine's cores) or in this process (as the benchmark did before resume points moved to the
-    background)."""
+def moto_s3(in_process: bool = False, nice: int = 0) -> Iterator[None]:
+    """moto's ThreadedMotoServer at 127.0.0.1, in a child process at niceness `nice` (by default:
+    its request handling then does not take the training loop's GIL, as a real S3 endpoint would
+    not; it still shares the machine's cores, which `nice` 19 leaves to training) or in this process
+    (as the benchmark did before resume points moved to the background; `nice` does not apply)."""
     import subprocess
 
     child, server = None, None
@@ -814,9 +857,13 @@ def moto_s3(in_process: bool = False) -> Iterator[None]:
         server.start()
         host, port = server.get_host_and_port()
     else:
-        child = subprocess.Popen([sys.executable, "-c", MOTO_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 text=True)
-        host, port = child.stdout.readline().split()
+        child = subprocess.Popen([sys.executable, "-c", MOTO_CHILD, str(nice)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+        line = child.stdout.readline().split()
+        if len(line) != 2:
+            child.kill()
+            raise RuntimeError(f"moto's server process did not start (exit code {child.wait()})")
+        host, port = line
         MOTO_SERVER["pid"] = child.pid
     environ = {"KONTINUE_S3_ENDPOINT": f"http://{host}:{port}", "KONTINUE_S3_ACCESS_KEY": "bench-access",
                "KONTINUE_S3_SECRET_KEY": "bench-secret-value", "KONTINUE_S3_REGION": "us-east-1"}
@@ -842,19 +889,19 @@ def moto_s3(in_process: bool = False) -> Iterator[None]:
                 child.wait()
 
 
-def run_checkpointing(args, train, tuning, workdir: Path, s3: bool) -> tuple[RunResult, RunResult]:
-    """A checkpointing kontinue fit whose resume points are asynchronous and synchronous in turn, in
-    lock-step with a plain fit as the reference for the load."""
-    name = "s3" if s3 else "local"
+def run_checkpointing(args, train, tuning, workdir: Path, s3: bool, nice: int = 0) -> tuple[RunResult, RunResult]:
+    """A checkpointing kontinue fit whose resume points cycle through MODES, in lock-step with a
+    plain fit as the reference for the load; for S3, moto's server process at niceness `nice`."""
+    name = ("s3" if args.moto_in_process else f"s3-nice{nice}") if s3 else "local"
     probe = SaveProbe(alternate=True)
     if not s3:
         return run_pair(args, train, tuning, workdir, name, args.checkpoint_steps,
                         checkpoint_every=args.checkpoint_every, probe=probe)
-    with moto_s3(args.moto_in_process):
+    with moto_s3(args.moto_in_process, nice):
         S3Store(S3Config.from_environ(), "kontinue-bench").ensure_bucket()
         run_dir = open_run_directory(f"s3://kontinue-bench/runs/{name}", scratch=workdir / f"{name}-scratch")
-        return run_pair(args, train, tuning, workdir, name, args.checkpoint_steps,
-                        checkpoint_every=args.checkpoint_every, run_dir=run_dir, probe=probe)
+        return run_pair(args, train, tuning, workdir, name, args.s3_checkpoint_steps,
+                        checkpoint_every=args.s3_checkpoint_every, run_dir=run_dir, probe=probe)
 
 
 # -- report ----------------------------------------------------------------------------------------------
@@ -890,8 +937,8 @@ def _goals(stall: Stall, interval: float) -> tuple[float, float, bool, bool]:
 
 
 def stall_rows(stalls: list[Stall], interval: float) -> list[tuple[str, str]]:
-    """One fit's figures, its asynchronous and synchronous points side by side."""
-    width = 34
+    """One fit's figures, its points in each mode side by side."""
+    width = 30
 
     def row(label: str, cell: Callable[[Stall], str]) -> tuple[str, str]:
         return label, "".join(f"{cell(stall):<{width}}" for stall in stalls).rstrip()
@@ -904,7 +951,7 @@ def stall_rows(stalls: list[Stall], interval: float) -> list[tuple[str, str]]:
     written = lambda stall: [save for save in stall.saves if save.written]  # noqa: E731
     rows = [
         (f"resume point every {first.every} steps, {first.where}: one fit (lock-step with plain), its points "
-         "asynchronous and synchronous in turn", ""),
+         f"in turn: {', '.join(stall.mode for stall in stalls)}", ""),
         row("", lambda stall: stall.mode),
         ("checkpoint size", f"{first.size_mb:.1f} MB"),
         ("median step, no write in progress", f"{first.median_normal:.3f} s ({first.normal} steps); plain "
@@ -924,7 +971,12 @@ def stall_rows(stalls: list[Stall], interval: float) -> list[tuple[str, str]]:
             seconds(lambda save: save.streamed - save.write_start)),
         row("  last.json", seconds(lambda save: save.durable - save.streamed)),
         row("then status.json, old points deleted", seconds(lambda save: save.write_end - save.durable)),
+        row("  written by the helper process", lambda stall: f"{sum(save.in_helper for save in written(stall))} "
+                                                         f"of {len(written(stall))}"),
         row("writer thread's CPU time", seconds(lambda save: save.writer_cpu)),
+        row("helper process's CPU time",
+            lambda stall: f"{stall.median_of(lambda save: save.helper_cpu or 0.0):.3f} s" if stall.mode == HELPER
+            else "-"),
     ]
     if any(save.server_cpu is not None for stall in stalls for save in stall.saves):
         rows.append(row("moto server's CPU time meanwhile", seconds(lambda save: save.server_cpu or 0.0)))
@@ -934,9 +986,11 @@ def stall_rows(stalls: list[Stall], interval: float) -> list[tuple[str, str]]:
     goals = {id(stall): _goals(stall, interval) for stall in stalls}
     rows += [
         row("stall per resume point", lambda stall: f"{stall.stall:.3f} s = {goals[id(stall)][0]:.2f} steps"),
-        row(f"  goal <= {GOAL_STEPS} median steps", lambda stall: _met(goals[id(stall)][2])),
+        row(f"  goal <= {GOAL_STEPS} median steps",
+            lambda stall: _met(goals[id(stall)][2]) if stall.per_point else "-"),
         row(f"  share of wall time, 1 per {interval / 60:g} min", lambda stall: f"{100 * goals[id(stall)][1]:.2f} %"),
-        row(f"  goal < {100 * GOAL_WALL_SHARE:g} %", lambda stall: _met(goals[id(stall)][3])),
+        row(f"  goal < {100 * GOAL_WALL_SHARE:g} %",
+            lambda stall: _met(goals[id(stall)][3]) if stall.per_point else "-"),
         row("  per point", lambda stall: ", ".join(f"{value:.2f}" for value in stall.per_point) + " s"),
         row("  kontinue's steps + plain steps", lambda stall: f"{stall.stall_kontinue:.3f} + "
                                                               f"{stall.stall - stall.stall_kontinue:.3f} s"),
@@ -952,12 +1006,15 @@ def stall_rows(stalls: list[Stall], interval: float) -> list[tuple[str, str]]:
 def print_summary(stalls: list[Stall], interval: float) -> None:
     print(f"\nstall per resume point: goals <= {GOAL_STEPS} median steps and < {100 * GOAL_WALL_SHARE:g} % of wall "
           f"time at one point per {interval / 60:g} min")
-    print(f"  {'where':<24} {'mode':<22} {'stall':>8} {'steps':>6} {'share':>7}  goals")
+    print(f"  {'where':<24} {'mode':<22} {'stall':>8} {'steps':>6} {'share':>7}  {'counted':>7}  goals")
     for stall in stalls:
         steps, share, steps_ok, share_ok = _goals(stall, interval)
         verdict = "met" if steps_ok and share_ok else "NOT met (" + ", ".join(
             name for name, ok in (("steps", steps_ok), ("share", share_ok)) if not ok) + ")"
-        print(f"  {stall.where:<24} {stall.mode:<22} {stall.stall:7.3f}s {steps:6.2f} {100 * share:6.2f}%  {verdict}")
+        if not stall.per_point:  # every window touched an untimed step or a point in another mode
+            verdict = "no point counted"
+        print(f"  {stall.where:<24} {stall.mode:<22} {stall.stall:7.3f}s {steps:6.2f} {100 * share:6.2f}%  "
+              f"{f'{stall.counted}/{len(stall.saves)}':>7}  {verdict}")
 
 
 def print_table(rows: list[tuple[str, str]]) -> None:
@@ -987,23 +1044,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="lock-step kontinue/plain pairs")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--checkpoint-every", type=int, default=8, help="env.checkpoint_every_n_steps")
-    parser.add_argument("--checkpoint-steps", type=int, default=45,
-                        help="timed steps of each checkpointing fit (local, S3); it goes on while a write is in "
-                             "progress, up to 2 x --checkpoint-every more")
+    parser.add_argument("--checkpoint-steps", type=int, default=72,
+                        help="timed steps of each checkpointing fit (local, S3 per --moto-nice); it goes on while a "
+                             "write is in progress, up to 2 x --checkpoint-every more. Its resume points cycle "
+                             "through three modes: helper process (the code as it is), trainer thread (the same "
+                             "snapshot serialised and written by the BackgroundWriter's thread) and synchronous "
+                             "reference (trainer thread, the step waiting for the write); the default gives each "
+                             "mode about 3 points at --checkpoint-every 8")
+    parser.add_argument("--s3-checkpoint-every", type=int, default=24,
+                        help="env.checkpoint_every_n_steps of the S3 fits: an upload to moto on the same two cores "
+                             "takes 10-25 s, longer than 8 steps, and points whose writes overlap are not counted")
+    parser.add_argument("--s3-checkpoint-steps", type=int, default=150,
+                        help="timed steps of each S3 checkpointing fit (about 2 points per mode at the default)")
     parser.add_argument("--max-text-len", type=int, default=512)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--weight-decay", type=float, default=1e-3)
     parser.add_argument("--gradient-clip-val", type=float, default=1.0, help="in both loops (kontinue's default)")
     parser.add_argument("--no-s3", action="store_true", help="skip the S3 (moto) checkpoint runs")
+    parser.add_argument("--moto-nice", type=int, nargs="+", default=[0, 19], metavar="N",
+                        help="run the S3 checkpointing fit once per value, moto's server process at that niceness "
+                             "(0-19; default: 0 19). A real S3 endpoint does not run on the trainer's machine: at "
+                             "nice 19 moto gets only the CPU training leaves, which models one more faithfully")
     parser.add_argument("--moto-in-process", action="store_true",
-                        help="run moto's server in the benchmark's process (as before), not in a child process")
+                        help="run moto's server in the benchmark's process (as before), not in a child process "
+                             "(one S3 fit; --moto-nice does not apply)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
-    for name in ("steps", "repeats", "batch_size", "checkpoint_every", "checkpoint_steps"):
+    for name in ("steps", "repeats", "batch_size", "checkpoint_every", "checkpoint_steps", "s3_checkpoint_every",
+                 "s3_checkpoint_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
         parser.error("--warmup must not be negative")
+    if any(not 0 <= nice <= 19 for nice in args.moto_nice):
+        parser.error("--moto-nice takes values from 0 to 19 (a lower niceness needs privileges)")
     if args.rows < 2 * args.batch_size:
         parser.error("--rows must hold at least two batches (epoch boundaries are not timed)")
     args.model = args.model or default_model_path()
@@ -1020,7 +1094,7 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
 
     pairs: list[tuple[RunResult, RunResult]] = []
-    stalls: list[list[Stall]] = []  # per run directory: its asynchronous and synchronous points
+    stalls: list[list[Stall]] = []  # per checkpointing fit: its points in each mode
     with tempfile.TemporaryDirectory(prefix="kontinue-bench-") as scratch:
         workdir = Path(scratch)
         for repeat in range(args.repeats):
@@ -1030,16 +1104,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"{kontinue.throughput:.1f} samples/s, median steps {plain.median_step:.3f} / "
                   f"{kontinue.median_step:.3f} s over {len(plain.durations)} / {len(kontinue.durations)} steps, "
                   f"ratio {kontinue.throughput / plain.throughput:.3f}", flush=True)
-        for s3 in (False, True):
-            if s3 and args.no_s3:
-                continue
-            where = f"s3 (moto, {'same' if args.moto_in_process else 'own'} process)" if s3 else "local disk"
+        fits: list[tuple[str, bool, int]] = [("local disk", False, 0)]  # (where, S3, moto's niceness)
+        if not args.no_s3:
+            fits += ([("s3 (moto, same process)", True, 0)] if args.moto_in_process else
+                     [(f"s3 (moto, nice {nice})", True, nice) for nice in dict.fromkeys(args.moto_nice)])
+        for where, s3, nice in fits:
             try:
-                result, plain = run_checkpointing(args, train, tuning, workdir, s3)
+                result, plain = run_checkpointing(args, train, tuning, workdir, s3, nice)
             except ImportError as error:
                 print(f"  checkpointing, {where}: skipped ({error})")
                 continue
-            fit = stalls_of(result, plain, where, args.checkpoint_every)
+            fit = stalls_of(result, plain, where, args.s3_checkpoint_every if s3 else args.checkpoint_every)
             stalls.append(fit)
             print(f"  checkpointing, {where} (lock-step with plain): {len(result.saves)} resume points, median "
                   f"step {result.median_step:.3f} s over {len(result.durations)} steps (plain {plain.median_step:.3f} "

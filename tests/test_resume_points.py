@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from kontinue.trainer.callbacks import validation_follows
-from kontinue.trainer.checkpoint_io import BackgroundWriter, snapshot
+from kontinue.trainer.checkpoint_io import BackgroundWriter
 from kontinue.trainer.ownership import Claimant
 from kontinue.trainer.rundir import POINTER, RunDirectory, open_run_directory
 from tests.test_resume import assert_same_outcome, finish, read_status, reference, stop  # noqa: F401
@@ -240,16 +240,6 @@ def test_the_background_writer_keeps_order_supersedes_waiting_points_and_reports
     assert written[-1] == "point 3", "nothing is written after a failure"
 
 
-def test_a_snapshot_is_not_changed_by_training_on():
-    weights = torch.zeros(3)
-    state = {"state_dict": {"w": weights}, "loops": {"progress": [1, {"n": 2}]}, "step": (1, 2)}
-    copied = snapshot(state)
-    weights.add_(1)
-    state["loops"]["progress"][1]["n"] = 9
-    assert torch.equal(copied["state_dict"]["w"], torch.zeros(3))
-    assert copied["loops"]["progress"][1]["n"] == 2 and copied["step"] == (1, 2)
-
-
 # -- the real trainer --------------------------------------------------------------------------------
 
 def every_step(manifest: dict) -> dict:
@@ -419,3 +409,26 @@ def test_the_public_validation_rule_agrees_with_where_lightning_validates(tmp_pa
                          callbacks=[recorder], default_root_dir=tmp_path)
     trainer.fit(_Tiny(), data, data)
     assert any(recorder.validated) and recorder.predicted == recorder.validated
+
+
+def test_a_resume_point_due_on_an_epochs_last_step_moves_to_the_next_and_resumes_exactly(reference, tmp_path):  # noqa: F811
+    """Lightning ends a fit resumed from a checkpoint taken on an epoch's last batch at once, so a
+    point due there is taken one step later. Without accumulation 15 batches make an epoch and the
+    two validations follow batches 7 and 14, not the last (as in DDP at world size 2)."""
+    manifest, _ = reference
+    manifest = copy.deepcopy(manifest)
+    manifest["spec"]["hyperparameters"]["env.per_gpu_batch_size"] = 16
+    harness = Trainer(tmp_path)
+    reference_dir = tmp_path / "reference" / "tests" / "exact"
+    manifest["spec"]["checkpoint"]["storage"] = str(tmp_path / "reference")
+    assert harness.attempt(manifest, str(reference_dir)).exit_code == 0
+    epoch_steps = read_status(reference_dir)["finalState"]["step"] // manifest["spec"]["hyperparameters"]["optim.max_epochs"]
+    manifest["spec"]["checkpoint"] = {"storage": str(tmp_path / "store"), "intervalSteps": epoch_steps}
+    run_dir = tmp_path / "store" / "tests" / "exact"
+    process = harness.start(manifest, str(run_dir))
+    signal_when(process.popen, lambda: _newest_step(run_dir) >= epoch_steps, signal.SIGKILL, time.monotonic() + 300)
+    assert process.popen.returncode == -signal.SIGKILL, process.output()[-3000:]
+    assert resume_points(run_dir)[0]["step"] == epoch_steps + 1
+    finish(harness, manifest, run_dir)
+    status = assert_same_outcome(run_dir, reference_dir)
+    assert [a["fromStep"] for a in status["attempts"]] == [0, epoch_steps + 1]

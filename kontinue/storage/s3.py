@@ -147,6 +147,15 @@ class S3Store(Store):
         self.client = client or config.client()
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
 
+    def __getstate__(self) -> dict:
+        """Pickled (for kontinue's checkpoint serializer process) without its client: the receiver
+        connects anew with the same configuration."""
+        return {name: value for name, value in vars(self).items() if name != "client"}
+
+    def __setstate__(self, state: dict) -> None:
+        vars(self).update(state)
+        self.client = self.config.client()
+
     def child(self, *parts: str) -> S3Store:
         prefix = "/".join([self.prefix, *(check_key(p) for p in parts)]).strip("/")
         return S3Store(self.config, self.bucket, prefix, part_size=self.part_size,

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from kontinue.api.contract import PREEMPTED_EXIT_CODE
-from kontinue.trainer.checkpoint_io import BackgroundWriter, snapshot
+from kontinue.trainer.checkpoint_io import BackgroundWriter
 from kontinue.trainer.ownership import Superseded
 from kontinue.trainer.rundir import CANDIDATES_FIELD, now
 from kontinue.trainer.signals import STOP_REQUESTED
@@ -162,6 +162,10 @@ class ResumePoints(pl.Callback):
     def _request_stop(self, signum, frame) -> None:
         self.stop_requested = True
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.is_global_zero:  # the writing process: its serializer imports while the fit sets up
+            self.writer.serializer.start()
+
     def on_train_start(self, trainer, pl_module) -> None:
         # Installed after Lightning's own handlers so a stop never aborts a step or a validation.
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -230,8 +234,11 @@ class ResumePoints(pl.Callback):
         self._stop_agreed = self._stop_agreed or bool(stop)
         steps_due = bool(self.every_n_steps and trainer.global_step % self.every_n_steps == 0)
         self._save_pending = self._save_pending or self._stop_agreed or bool(time_due) or steps_due
-        # When a validation follows this step, the resume point waits until it is done.
-        if self._save_pending and not validation_follows(trainer, batch_idx):
+        # When a validation follows this step, the resume point waits until it is done. Lightning
+        # does not resume correctly from a checkpoint taken on an epoch's last batch (the resumed
+        # fit ends at once), so that save moves to the next step.
+        if (self._save_pending and not validation_follows(trainer, batch_idx)
+                and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch):
             self._save(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -277,7 +284,7 @@ class BestModel(pl.Callback):
         if better and np.isfinite(score):
             self.best_score, self.best_step = score, trainer.global_step
             if trainer.is_global_zero:
-                best = snapshot({"state_dict": pl_module.state_dict(), "score": score, "step": trainer.global_step,
+                best = self.writer.snapshot({"state_dict": pl_module.state_dict(), "score": score, "step": trainer.global_step,
                                  "metrics": dict(pl_module.last_validation)})
                 self.writer.submit(lambda: self.run_dir.write_best_model(best), f"model.ckpt (step {best['step']})")
         if trainer.state.fn != "fit":  # Trainer.validate after a fit: its caller reads model.ckpt next
@@ -311,7 +318,7 @@ class TopKCandidates(pl.Callback):
                      len(self.candidates))
         self.candidates = (self.candidates[:place] + [candidate] + self.candidates[place:])[:self.top_k]
         if trainer.is_global_zero:  # what drops out is deleted once no kept resume point needs it
-            state = snapshot({"state_dict": pl_module.state_dict(), "score": candidate["score"], "step": step})
+            state = self.writer.snapshot({"state_dict": pl_module.state_dict(), "score": candidate["score"], "step": step})
             self.writer.submit(lambda: self.run_dir.write_candidate(candidate["key"], state),
                                f"candidate {candidate['key']}")
 

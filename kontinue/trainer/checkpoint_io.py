@@ -1,13 +1,13 @@
 """Checkpoints written in the background: the training loop waits only for a copy of the state.
 
 `ResumePointIO` is the Lightning `CheckpointIO` plugin through which `Trainer.save_checkpoint`
-hands over a resume point: it copies every tensor (to the CPU) while the loop waits, then a
-`BackgroundWriter` serializes, hashes and stores the copy while training goes on.
+hands over a resume point: it copies every tensor into shared memory (a `Snapshot`) while the loop
+waits, then a `BackgroundWriter` has the copy serialised, hashed and stored (by the helper process
+of kontinue.trainer.serializer) while training goes on.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 from collections import deque
@@ -18,21 +18,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.fabric.plugins import CheckpointIO
 
+from kontinue.trainer.serializer import SerializerProcess, Snapshot
+
 if TYPE_CHECKING:
     from kontinue.trainer.rundir import RunDirectory
 
 log = logging.getLogger("kontinue.trainer")
-
-
-def snapshot(value: Any) -> Any:
-    """A copy that training can no longer change: tensors copied to the CPU, containers rebuilt."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return type(value)((key, snapshot(item)) for key, item in value.items())
-    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
-        return type(value)(snapshot(item) for item in value)
-    return copy.deepcopy(value)
 
 
 @dataclass
@@ -51,12 +42,17 @@ class BackgroundWriter:
     thread by `check` or `flush`; nothing is written after it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, serializer: SerializerProcess | None = None) -> None:
+        self.serializer = serializer or SerializerProcess.shared()
         self._jobs: deque[_Job] = deque()
         self._busy: _Job | None = None  # the write in progress
         self._error: BaseException | None = None
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
+
+    def snapshot(self, value: Any) -> Snapshot:
+        """A copy of `value` that training can no longer change, for a write submitted here."""
+        return Snapshot(value, self.serializer)
 
     def submit(self, write: Callable[[], None], what: str, *, supersedable: bool = False) -> None:
         self.check()
@@ -126,7 +122,7 @@ class ResumePointIO(CheckpointIO):
         self.run_dir, self.writer = run_dir, writer
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        state, key = snapshot(checkpoint), str(path)
+        state, key = self.writer.snapshot(checkpoint), str(path)
         self.writer.submit(lambda: self.run_dir.write_resume_point(state, key), f"resume point {key}",
                            supersedable=True)
 

@@ -37,6 +37,7 @@ import torch
 from kontinue.api.reports import dumps, loads
 from kontinue.storage import ChecksumMismatch, LocalStore, ObjectNotFound, Store, open_store
 from kontinue.trainer.ownership import Claimant, Ownership, Superseded
+from kontinue.trainer.serializer import write_checkpoint
 
 log = logging.getLogger("kontinue.trainer")
 
@@ -180,10 +181,9 @@ class RunDirectory:
         a superseded attempt stops before it."""
         store = self.store
         self.guard()
-        with store.writer(key, checksum=True) as out:
-            torch.save(checkpoint, out)
+        info = write_checkpoint(store, key, checkpoint)
         point = {"key": key, "step": checkpoint["global_step"], "epoch": checkpoint["epoch"],
-                 "sha256": out.info.sha256, "size": out.info.size, "time": now(),
+                 "sha256": info.sha256, "size": info.size, "time": now(),
                  "candidates": [candidate["key"] for candidate in checkpoint.get(CANDIDATES_FIELD, [])]}
         points = [point, *(p for p in self._read_points() if p["key"] != key)][:max(1, self.keep)]
         self.guard()
@@ -294,8 +294,7 @@ class RunDirectory:
         """A candidate for model.ckpt ({state_dict, score, step}), streamed to the run directory with
         its sha256; resume points that keep it as a candidate name it (CANDIDATES_FIELD)."""
         self.guard()
-        with self.store.writer(key, checksum=True) as out:
-            torch.save(candidate, out)
+        write_checkpoint(self.store, key, candidate)
 
     def fetch_candidate(self, key: str) -> Path:
         """A candidate as a local file, verified against its sha256; raises ObjectNotFound or
@@ -311,8 +310,7 @@ class RunDirectory:
         """model.ckpt ({state_dict, score, step, metrics}), streamed from its serializer into this
         machine's run directory, then published; status.json names it once it is durable."""
         self.guard()
-        with self.local.writer(BEST, checksum=True) as out:
-            torch.save(best, out)
+        write_checkpoint(self.local, BEST, best)
         self.publish(BEST, checksum=True)
         self.update_status(bestCheckpoint={"uri": f"{self.uri.rstrip('/')}/{BEST}", "score": best["score"],
                                            "step": best["step"]})

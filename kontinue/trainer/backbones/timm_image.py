@@ -1,8 +1,8 @@
 """timm_image: any timm architecture over one or more image columns, pooled features averaged
 over the images a row has.
 
-Transforms follow timm's data config (input size, interpolation, mean and std) with AutoMM's
-transform names; the random ones draw from the per-sample RNG state the loader sets up, so
+Transforms take timm's data config (input size, mean and std) and AutoMM's transform names and
+constants; the random ones draw from the per-sample RNG state the loader sets up, so
 augmentation is part of the exactly resumed state whatever the number of workers.
 """
 
@@ -34,16 +34,19 @@ class TimmImageOptions:
     val_transforms: tuple[str, ...] = ("resize_shorter_side", "center_crop")
 
 
+# AutoMM's transforms with its constants: resizes are bicubic whatever the architecture's own
+# interpolation, a random resized crop keeps torchvision's bilinear default, colour jitter is 0.1.
+BICUBIC = T.InterpolationMode.BICUBIC
 TRANSFORMS = {
-    "resize_shorter_side": lambda size, interpolation: T.Resize(size, interpolation=interpolation),
-    "resize_to_square": lambda size, interpolation: T.Resize((size, size), interpolation=interpolation),
-    "center_crop": lambda size, interpolation: T.CenterCrop(size),
-    "random_resize_crop": lambda size, interpolation: T.RandomResizedCrop(size, interpolation=interpolation),
-    "random_horizontal_flip": lambda size, interpolation: T.RandomHorizontalFlip(),
-    "random_vertical_flip": lambda size, interpolation: T.RandomVerticalFlip(),
-    "color_jitter": lambda size, interpolation: T.ColorJitter(0.4, 0.4, 0.4),
-    "affine": lambda size, interpolation: T.RandomAffine(15, translate=(0.1, 0.1), scale=(0.9, 1.1)),
-    "trivial_augment": lambda size, interpolation: TrivialAugment(),
+    "resize_shorter_side": lambda size: T.Resize(size, interpolation=BICUBIC),
+    "resize_to_square": lambda size: T.Resize((size, size), interpolation=BICUBIC),
+    "center_crop": lambda size: T.CenterCrop(size),
+    "random_resize_crop": lambda size: T.RandomResizedCrop(size),
+    "random_horizontal_flip": lambda size: T.RandomHorizontalFlip(),
+    "random_vertical_flip": lambda size: T.RandomVerticalFlip(),
+    "color_jitter": lambda size: T.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1),
+    "affine": lambda size: T.RandomAffine(15, translate=(0.1, 0.1), scale=(0.9, 1.1)),
+    "trivial_augment": lambda size: TrivialAugment(),
 }
 
 
@@ -74,10 +77,9 @@ class ImageProcessor(Processor):
     def _transform(self, training: bool) -> T.Compose:
         if training not in self._transforms:
             names = self.options.train_transforms if training else self.options.val_transforms
-            interpolation = T.InterpolationMode(self.data_config.get("interpolation", "bicubic"))
-            steps = [TRANSFORMS[name](self.image_size, interpolation) for name in names]
+            steps = [TRANSFORMS[name](self.image_size) for name in names]
             if not any(name in ("center_crop", "random_resize_crop", "resize_to_square") for name in names):
-                steps.append(T.Resize((self.image_size, self.image_size), interpolation=interpolation))
+                steps.append(TRANSFORMS["resize_to_square"](self.image_size))
             steps += [T.ToTensor(), T.Normalize(self.data_config["mean"], self.data_config["std"])]
             self._transforms[training] = T.Compose(steps)
         return self._transforms[training]

@@ -1,0 +1,289 @@
+"""Checkpoints serialised, hashed and stored by a helper process at a lower CPU priority.
+
+Writing a checkpoint in a thread of the training process hides the wait but not the CPU it needs
+(torch.save, sha256, an upload's signing and copying: several CPU-seconds for a few hundred MB),
+and that thread holds the GIL the training loop needs. So a `Snapshot` copies every tensor into one
+shared-memory buffer (a memfd: /dev/shm is only 64 MiB in a default pod) while the loop waits, and
+a `SerializerProcess`, a helper process started once at nice `NICENESS` (`serve`), maps that
+buffer, streams torch.save into the store and reports the object's size and sha256. Training keeps the CPU; the helper gets what training leaves, and all of it once a stop
+signal ends training. The helper ignores SIGTERM and SIGINT (the trainer decides when to stop) and
+exits when the trainer's end of its socket closes or the trainer is gone.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import mmap
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import recv_handle, send_handle
+from typing import Any
+
+import torch
+
+from kontinue.storage import ObjectInfo, StorageError, Store
+
+log = logging.getLogger("kontinue.trainer")
+
+NICENESS = 10  # CFS weight 110 against training's 1024: about a tenth of a busy core
+ALIGN = 64  # every tensor starts at a multiple of this in the buffer
+READY = b"ready"  # what the helper says once it can take writes
+
+
+@dataclass(frozen=True)
+class _TensorAt:
+    """Where a tensor lies in a snapshot's buffer (the placeholder pickled in its place)."""
+
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def _replace_tensors(value: Any, place) -> Any:
+    """`value` with every tensor in its dicts, lists and tuples replaced by `place(tensor)`; other
+    values deep-copied, so training can no longer change what is written."""
+    if isinstance(value, torch.Tensor):
+        return place(value)
+    if isinstance(value, dict):
+        return type(value)((key, _replace_tensors(item, place)) for key, item in value.items())
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        return type(value)(_replace_tensors(item, place) for item in value)
+    return copy.deepcopy(value)
+
+
+def _restore_tensors(value: Any, tensor_at) -> Any:
+    if isinstance(value, _TensorAt):
+        return tensor_at(value)
+    if isinstance(value, dict):
+        return type(value)((key, _restore_tensors(item, tensor_at)) for key, item in value.items())
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        return type(value)(_restore_tensors(item, tensor_at) for item in value)
+    return value
+
+
+def _views(buffer: mmap.mmap, value: Any) -> Any:
+    """The tree with each placeholder turned into a tensor viewing its bytes in `buffer` (each with
+    a storage of its own, so torch.save writes it as its own record)."""
+    def tensor_at(at: _TensorAt) -> torch.Tensor:
+        count = int(torch.Size(at.shape).numel())
+        if count == 0:
+            return torch.empty(at.shape, dtype=at.dtype)
+        return torch.frombuffer(buffer, dtype=at.dtype, count=count, offset=at.offset).view(at.shape)
+    return _restore_tensors(value, tensor_at)
+
+
+class Snapshot:
+    """A copy of a checkpoint that training can no longer change: its tensors in a shared-memory
+    buffer, everything else in `tree`, where plain fields stay readable (``snapshot["global_step"]``).
+    `write` stores it through `serializer`, or in the calling thread without one."""
+
+    def __init__(self, value: Any, serializer: SerializerProcess | None = None):
+        self.serializer = serializer
+        tensors: list[tuple[_TensorAt, torch.Tensor]] = []
+        size = 0
+
+        def place(tensor: torch.Tensor) -> _TensorAt:
+            nonlocal size
+            tensor = tensor.detach()
+            at = _TensorAt(size, tensor.dtype, tuple(tensor.shape))
+            tensors.append((at, tensor))
+            size += -(-tensor.numel() * tensor.element_size() // ALIGN) * ALIGN
+            return at
+
+        self.tree = _replace_tensors(value, place)
+        self.size = size
+        self.fd = os.memfd_create("kontinue-snapshot", os.MFD_CLOEXEC) if size else -1
+        if size:
+            os.ftruncate(self.fd, size)
+            with mmap.mmap(self.fd, size) as buffer:
+                flat = torch.frombuffer(buffer, dtype=torch.uint8)
+                for at, tensor in tensors:
+                    nbytes = tensor.numel() * tensor.element_size()
+                    if nbytes:
+                        flat[at.offset:at.offset + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+                del flat
+
+    def __getitem__(self, key: str) -> Any:
+        return self.tree[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.tree.get(key, default)
+
+    def write(self, store: Store, key: str) -> ObjectInfo:
+        """Serialises the snapshot into `key` of `store` with its sha256: in the serializer's
+        process, or in this thread without one or while it starts."""
+        if self.serializer is not None and (info := self.serializer.write(store, key, self)) is not None:
+            return info
+        return _write(store, key, self.tree, self.fd, self.size)
+
+    def close(self) -> None:
+        """Frees the buffer (once the helper has let go of it too)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def write_checkpoint(store: Store, key: str, checkpoint: Any) -> ObjectInfo:
+    """`checkpoint` (a Snapshot, or a state of tensors and plain values) streamed from torch.save
+    into `key` of `store`, with its sha256."""
+    if isinstance(checkpoint, Snapshot):
+        return checkpoint.write(store, key)
+    with store.writer(key, checksum=True) as out:
+        torch.save(checkpoint, out)
+    return out.info
+
+
+def _write(store: Store, key: str, tree: Any, fd: int, size: int) -> ObjectInfo:
+    buffer = mmap.mmap(fd, size) if size else None
+    state = _views(buffer, tree)
+    info = write_checkpoint(store, key, state)
+    del state  # the views, before the mapping goes
+    if buffer is not None:
+        buffer.close()
+    return info
+
+
+class SerializerProcess:
+    """The helper process, started on first use and again after it died; one write at a time.
+    `shared()` is the one every fit in this process uses (started once: it imports torch)."""
+
+    _shared: SerializerProcess | None = None
+
+    @classmethod
+    def shared(cls) -> SerializerProcess:
+        if cls._shared is None:
+            cls._shared = cls()
+        return cls._shared
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen | None = None
+        self._connection: Connection | None = None
+        self._ready = False  # the helper has imported what it needs
+        self._failed_to_start = False  # writes stay in the trainer's thread from then on
+        self._lock = threading.Lock()
+
+    def start(self, *, wait: bool = False) -> None:
+        """Starts the helper ahead of its first write (it takes seconds to import torch); with
+        `wait`, returns once it can take writes."""
+        with self._lock:
+            self._running()
+            if wait and not self._failed_to_start:
+                self._connection.poll(None)
+                self._check_ready()
+
+    def _running(self) -> None:
+        if not self._failed_to_start and (self._process is None or self._process.poll() is not None):
+            self._start()
+
+    def _start(self) -> None:
+        self._stop()  # what is left of one that died
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        environ = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            filter(None, [package_root, os.environ.get("PYTHONPATH")]))}  # this kontinue, installed or not
+        with theirs:
+            self._process = subprocess.Popen(  # stop signals ignored, and a lower priority before torch starts a thread
+                [sys.executable, "-c", f"import os, signal; [signal.signal(s, signal.SIG_IGN) for s in "
+                                       f"(signal.SIGTERM, signal.SIGINT)]; os.nice({NICENESS}); "
+                                       f"from kontinue.trainer.serializer import serve; serve({theirs.fileno()}, {os.getpid()})"],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=environ)
+        self._connection = Connection(mine.detach())
+
+    def _check_ready(self) -> bool:
+        """Whether the helper said it is ready (read without waiting); one that ended before it
+        was is not started again."""
+        if not self._ready and self._connection.poll(0):
+            try:
+                self._ready = self._connection.recv_bytes() == READY
+            except (EOFError, OSError):
+                log.warning("the checkpoint serializer process ended as it started (exit code %s); "
+                            "checkpoints are serialised in the trainer's own process", self._stop())
+                self._failed_to_start = True
+        return self._ready
+
+    def write(self, store: Store, key: str, snapshot: Snapshot) -> ObjectInfo | None:
+        """Stores `snapshot` as `key` of `store` (with its sha256) through the helper process; None
+        while the helper is still starting (its caller writes in its own thread then, not waiting)."""
+        with self._lock:
+            self._running()
+            if self._failed_to_start or not self._check_ready():
+                return None
+            try:
+                self._connection.send_bytes(pickle.dumps((store, key, snapshot.tree, snapshot.size)))
+                if snapshot.size:
+                    send_handle(self._connection, snapshot.fd, self._process.pid)
+                outcome, result = pickle.loads(self._connection.recv_bytes())
+            except (EOFError, OSError) as error:
+                code = self._stop()
+                raise StorageError(f"{store.uri}/{key}: the checkpoint serializer process ended "
+                                   f"(exit code {code}) before the write was done") from error
+        if outcome == "error":
+            raise result
+        return result
+
+    def _stop(self) -> int | None:
+        """Closes the helper's socket, which ends it; returns its exit code."""
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+        self._ready = False
+        process, self._process = self._process, None
+        if process is None:
+            return None
+        try:
+            return process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait()
+
+    def close(self) -> None:
+        """Lets the helper exit (call once no write is in progress: it finishes nothing)."""
+        with self._lock:
+            self._stop()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    """A helper whose trainer is gone (killed at the end of a grace period) stops at once: its
+    unfinished object never appears (a temporary file, an uncompleted multipart upload)."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def serve(channel_fd: int, parent: int) -> None:
+    """The helper's loop: one write per message until the trainer closes its end."""
+    torch.set_num_threads(1)
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+    connection = Connection(channel_fd)
+    connection.send_bytes(READY)
+    while True:
+        try:
+            store, key, tree, size = pickle.loads(connection.recv_bytes())
+        except EOFError:
+            return
+        fd = recv_handle(connection) if size else -1
+        try:
+            reply = pickle.dumps(("ok", _write(store, key, tree, fd, size)))
+        except Exception as error:  # noqa: BLE001 -- raised again in the trainer
+            try:
+                reply = pickle.dumps(("error", error))
+            except Exception:  # noqa: BLE001 -- an exception that does not pickle: its words do
+                reply = pickle.dumps(("error", StorageError(f"{store.uri}/{key}: {type(error).__name__}: {error}")))
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        connection.send_bytes(reply)

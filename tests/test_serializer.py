@@ -1,0 +1,180 @@
+"""The checkpoint serializer process (kontinue.trainer.serializer): snapshots in shared memory,
+written by a helper process at a lower CPU priority, to local disk and to the S3 server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import torch
+
+from kontinue.storage import LocalStore, StorageError
+from kontinue.trainer.serializer import NICENESS, SerializerProcess, Snapshot, write_checkpoint
+
+
+def a_state() -> dict:
+    """Every kind of tensor a checkpoint holds, beside plain values."""
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "state_dict": {"w": torch.randn(5, 7, generator=generator), "half": torch.randn(3, generator=generator).bfloat16(),
+                       "transposed": torch.randn(4, 6, generator=generator).t(), "scalar": torch.tensor(3.5),
+                       "empty": torch.empty(0, 4), "mask": torch.tensor([True, False, True])},
+        "optimizer_states": [{"state": {0: {"step": torch.tensor(12.0), "exp_avg": torch.full((2, 2), 0.25)}},
+                              "param_groups": [{"lr": 1e-3, "params": [0]}]}],
+        "rng": (torch.get_rng_state(), [1, 2, 3]),
+        "global_step": 12, "epoch": 1, "loops": {"progress": [1, {"n": 2}]},
+    }
+
+
+def assert_same(loaded, expected) -> None:
+    if isinstance(expected, torch.Tensor):
+        assert loaded.dtype == expected.dtype and loaded.shape == expected.shape
+        assert torch.equal(loaded, expected)
+    elif isinstance(expected, dict):
+        assert type(loaded) is type(expected) and list(loaded) == list(expected)
+        for key in expected:
+            assert_same(loaded[key], expected[key])
+    elif isinstance(expected, (list, tuple)):
+        assert type(loaded) is type(expected) and len(loaded) == len(expected)
+        for item, want in zip(loaded, expected):
+            assert_same(item, want)
+    else:
+        assert loaded == expected
+
+
+@pytest.fixture(scope="module")
+def serializer():
+    process = SerializerProcess()
+    process.start(wait=True)
+    yield process
+    process.close()
+
+
+def test_a_snapshot_is_not_changed_by_training_on_and_the_helper_writes_it_whole(serializer, tmp_path):
+    state = a_state()
+    expected = {"state_dict": {k: v.clone() for k, v in state["state_dict"].items()}}
+    snapshot = Snapshot(state, serializer)
+    state["state_dict"]["w"].add_(1)  # training goes on
+    state["loops"]["progress"][1]["n"] = 9
+    assert snapshot["global_step"] == 12 and snapshot["loops"]["progress"][1]["n"] == 2
+
+    store = LocalStore(tmp_path)
+    info = write_checkpoint(store, "checkpoints/step-12.ckpt", snapshot)
+    assert info.size == (tmp_path / "checkpoints/step-12.ckpt").stat().st_size
+    assert store.verify("checkpoints/step-12.ckpt") == info.sha256
+    loaded = torch.load(tmp_path / "checkpoints/step-12.ckpt", weights_only=True)
+    state["state_dict"] = expected["state_dict"]
+    state["loops"]["progress"][1]["n"] = 2
+    assert_same(loaded, state)
+    assert not loaded["state_dict"]["w"].untyped_storage().nbytes() > 5 * 7 * 4, "each tensor is its own record"
+
+
+def test_the_helper_and_the_training_process_write_the_same_checkpoint(serializer, tmp_path):
+    """The same checkpoint whoever writes it: the helper, this process from a snapshot, or torch.save
+    of the live state."""
+    store = LocalStore(tmp_path)
+    here = write_checkpoint(store, "here.ckpt", Snapshot(a_state()))
+    there = write_checkpoint(store, "there.ckpt", Snapshot(a_state(), serializer))
+    write_checkpoint(store, "plain.ckpt", a_state())
+    plain = torch.load(tmp_path / "plain.ckpt", weights_only=True)
+    assert_same(torch.load(tmp_path / "there.ckpt", weights_only=True), plain)
+    assert_same(torch.load(tmp_path / "here.ckpt", weights_only=True), plain)
+    assert here.size == there.size
+
+
+def test_the_helper_runs_at_a_lower_priority_and_ignores_stop_signals(serializer, tmp_path):
+    store = LocalStore(tmp_path)
+    write_checkpoint(store, "a.ckpt", Snapshot(a_state(), serializer))
+    helper = serializer._process.pid
+    assert os.getpriority(os.PRIO_PROCESS, helper) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + NICENESS)
+    os.kill(helper, signal.SIGTERM)  # the trainer decides when writing stops, not a signal to the group
+    os.kill(helper, signal.SIGINT)
+    write_checkpoint(store, "b.ckpt", Snapshot(a_state(), serializer))
+    assert serializer._process.pid == helper
+    store.verify("b.ckpt")
+
+
+def test_a_failed_write_is_raised_in_the_trainer_and_the_helper_goes_on(serializer, tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    with pytest.raises(StorageError, match="a-file"):
+        write_checkpoint(LocalStore(tmp_path / "a-file"), "x.ckpt", Snapshot(a_state(), serializer))
+    write_checkpoint(LocalStore(tmp_path), "y.ckpt", Snapshot(a_state(), serializer))
+    LocalStore(tmp_path).verify("y.ckpt")
+
+
+def test_a_helper_that_dies_during_a_write_is_reported_and_replaced(tmp_path):
+    serializer = SerializerProcess()
+    serializer.start(wait=True)
+    store = LocalStore(tmp_path)
+    write_checkpoint(store, "a.ckpt", Snapshot(a_state(), serializer))
+    helper = serializer._process
+    os.kill(helper.pid, signal.SIGSTOP)  # holds the next write where it is
+    failures: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            write_checkpoint(store, "b.ckpt", Snapshot(a_state(), serializer))
+        except BaseException as error:  # noqa: BLE001 -- looked at below
+            failures.append(error)
+
+    writing = threading.Thread(target=write)
+    writing.start()
+    time.sleep(0.5)
+    helper.kill()  # the OOM killer, say
+    writing.join(30)
+    assert len(failures) == 1 and isinstance(failures[0], StorageError), failures
+    assert "serializer process ended (exit code -9)" in str(failures[0]) and "b.ckpt" in str(failures[0])
+    assert not store.exists("b.ckpt")
+    serializer.start(wait=True)  # a new helper
+    write_checkpoint(store, "c.ckpt", Snapshot(a_state(), serializer))
+    assert serializer._process.pid != helper.pid
+    store.verify("c.ckpt")
+    serializer.close()
+
+
+def test_the_helper_stops_when_the_trainer_is_killed(tmp_path):
+    """SIGKILL at the end of a grace period: the helper leaves at once, nothing half-written appears."""
+    trainer = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import os, torch
+        from kontinue.storage import LocalStore
+        from kontinue.trainer.serializer import SerializerProcess, Snapshot, write_checkpoint
+        serializer = SerializerProcess()
+        serializer.start(wait=True)
+        write_checkpoint(LocalStore({str(tmp_path)!r}), "a.ckpt", Snapshot({{"w": torch.ones(3)}}, serializer))
+        print(serializer._process.pid, flush=True)
+        os._exit(0)
+    """)], capture_output=True, text=True, timeout=120, check=True)
+    helper = int(trainer.stdout.split()[-1])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(helper, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the helper outlived its trainer by 10 s")
+
+
+def test_a_snapshot_reaches_the_s3_server_through_the_helper(serializer, s3_store):
+    info = write_checkpoint(s3_store, "checkpoints/step-12.ckpt", Snapshot(a_state(), serializer))
+    assert s3_store.verify("checkpoints/step-12.ckpt") == info.sha256
+    assert s3_store.stat("checkpoints/step-12.ckpt").size == info.size
+
+
+def test_a_helper_that_cannot_start_leaves_the_writes_to_the_trainer(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # a helper that exits at once
+    serializer = SerializerProcess()
+    serializer.start(wait=True)
+    store = LocalStore(tmp_path)
+    for key in ("a.ckpt", "b.ckpt"):
+        info = write_checkpoint(store, key, Snapshot(a_state(), serializer))
+        assert store.verify(key) == info.sha256
+    assert "serialised in the trainer's own process" in caplog.text
+    assert serializer._process is None, "not started again and again"
