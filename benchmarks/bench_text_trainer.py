@@ -19,7 +19,7 @@ rows and the same batches (same order, same dynamic padding), on the CPU:
      `ResumePointIO.save_checkpoint`, which copies its tensors into a shared-memory buffer (the
      snapshot, a `kontinue.trainer.serializer.Snapshot` bound to the `SerializerProcess`) and
      submits the write to the `BackgroundWriter`; its thread runs `RunDirectory.write_resume_point`,
-     which hands the snapshot to the helper process (`python -m kontinue.trainer.serializer`, at
+     which hands the snapshot to the helper process (`kontinue.trainer.serializer.serve`, at
      nice 10), where torch.save streams it into checkpoints/step-N.ckpt (local: a temp file renamed
      into place; S3: a multipart upload) with its sha256; the writer thread then moves last.json,
      while training goes on.

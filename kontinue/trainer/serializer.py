@@ -12,6 +12,7 @@ exits when the trainer's end of its socket closes or the trainer is gone.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import mmap
@@ -86,7 +87,7 @@ class Snapshot:
     `write` stores it through `serializer`, or in the calling thread without one."""
 
     def __init__(self, value: Any, serializer: SerializerProcess | None = None):
-        self.serializer = serializer
+        self.serializer, self.fd = serializer, -1
         tensors: list[tuple[_TensorAt, torch.Tensor]] = []
         size = 0
 
@@ -150,7 +151,8 @@ def _write(store: Store, key: str, tree: Any, fd: int, size: int) -> ObjectInfo:
     info = write_checkpoint(store, key, state)
     del state  # the views, before the mapping goes
     if buffer is not None:
-        buffer.close()
+        with contextlib.suppress(BufferError):  # a view still held: unmapped once it goes
+            buffer.close()
     return info
 
 
