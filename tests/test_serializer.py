@@ -50,7 +50,7 @@ def assert_same(loaded, expected) -> None:
 
 @pytest.fixture(scope="module")
 def serializer():
-    process = SerializerProcess()
+    process = SerializerProcess(min_bytes=0)
     process.start(wait=True)
     yield process
     process.close()
@@ -109,7 +109,7 @@ def test_a_failed_write_is_raised_in_the_trainer_and_the_helper_goes_on(serializ
 
 
 def test_a_helper_that_dies_during_a_write_is_reported_and_replaced(tmp_path):
-    serializer = SerializerProcess()
+    serializer = SerializerProcess(min_bytes=0)
     serializer.start(wait=True)
     store = LocalStore(tmp_path)
     write_checkpoint(store, "a.ckpt", Snapshot(a_state(), serializer))
@@ -144,7 +144,7 @@ def test_the_helper_stops_when_the_trainer_is_killed(tmp_path):
         import os, torch
         from kontinue.storage import LocalStore
         from kontinue.trainer.serializer import SerializerProcess, Snapshot, write_checkpoint
-        serializer = SerializerProcess()
+        serializer = SerializerProcess(min_bytes=0)
         serializer.start(wait=True)
         write_checkpoint(LocalStore({str(tmp_path)!r}), "a.ckpt", Snapshot({{"w": torch.ones(3)}}, serializer))
         print(serializer._process.pid, flush=True)
@@ -170,7 +170,7 @@ def test_a_snapshot_reaches_the_s3_server_through_the_helper(serializer, s3_stor
 
 def test_a_helper_that_cannot_start_leaves_the_writes_to_the_trainer(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(sys, "executable", "/bin/false")  # a helper that exits at once
-    serializer = SerializerProcess()
+    serializer = SerializerProcess(min_bytes=0)
     serializer.start(wait=True)
     store = LocalStore(tmp_path)
     for key in ("a.ckpt", "b.ckpt"):
@@ -178,3 +178,12 @@ def test_a_helper_that_cannot_start_leaves_the_writes_to_the_trainer(tmp_path, m
         assert store.verify(key) == info.sha256
     assert "serialised in the trainer's own process" in caplog.text
     assert serializer._process is None, "not started again and again"
+
+
+def test_a_small_snapshot_is_written_by_the_trainers_thread(tmp_path):
+    """Below `min_bytes` the helper is not used (nor started): little CPU to save, durability sooner."""
+    serializer = SerializerProcess(min_bytes=1 << 20)
+    store = LocalStore(tmp_path)
+    info = write_checkpoint(store, "small.ckpt", Snapshot(a_state(), serializer))
+    assert store.verify("small.ckpt") == info.sha256
+    assert serializer._process is None

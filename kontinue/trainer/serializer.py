@@ -37,6 +37,9 @@ log = logging.getLogger("kontinue.trainer")
 NICENESS = 10  # CFS weight 110 against training's 1024: about a tenth of a busy core
 ALIGN = 64  # every tensor starts at a multiple of this in the buffer
 READY = b"ready"  # what the helper says once it can take writes
+# Smaller snapshots are written by the trainer's writer thread: they cost little CPU there, and at
+# the helper's lower priority they would only become durable later on a busy machine.
+MIN_HELPER_BYTES = 128 << 20
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,8 @@ class Snapshot:
     def write(self, store: Store, key: str) -> ObjectInfo:
         """Serialises the snapshot into `key` of `store` with its sha256: in the serializer's
         process, or in this thread without one or while it starts."""
-        if self.serializer is not None and (info := self.serializer.write(store, key, self)) is not None:
+        if (self.serializer is not None and self.size >= self.serializer.min_bytes
+                and (info := self.serializer.write(store, key, self)) is not None):
             return info
         return _write(store, key, self.tree, self.fd, self.size)
 
@@ -168,7 +172,8 @@ class SerializerProcess:
             cls._shared = cls()
         return cls._shared
 
-    def __init__(self) -> None:
+    def __init__(self, min_bytes: int = MIN_HELPER_BYTES) -> None:
+        self.min_bytes = min_bytes  # snapshots smaller than this are written in the calling thread
         self._process: subprocess.Popen | None = None
         self._connection: Connection | None = None
         self._ready = False  # the helper has imported what it needs
@@ -271,11 +276,14 @@ def serve(channel_fd: int, parent: int) -> None:
     torch.set_num_threads(1)
     threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
     connection = Connection(channel_fd)
-    connection.send_bytes(READY)
+    try:
+        connection.send_bytes(READY)
+    except OSError:  # the trainer ended before this helper had started
+        return
     while True:
         try:
             store, key, tree, size = pickle.loads(connection.recv_bytes())
-        except EOFError:
+        except (EOFError, OSError):  # the trainer closed its end, or is gone
             return
         fd = recv_handle(connection) if size else -1
         try:
