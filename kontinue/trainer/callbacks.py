@@ -163,7 +163,10 @@ class ResumePoints(pl.Callback):
         self.stop_requested = True
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if trainer.is_global_zero:  # the writing process: its serializer imports while the fit sets up
+        # The writing process starts its serializer while the fit sets up, if the checkpoints will
+        # be big enough to use it (weights and AdamW's two moments: three times the parameters).
+        weights = sum(p.numel() * p.element_size() for p in pl_module.parameters())
+        if trainer.is_global_zero and 3 * weights >= self.writer.serializer.min_bytes:
             self.writer.serializer.start()
 
     def on_train_start(self, trainer, pl_module) -> None:
