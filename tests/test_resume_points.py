@@ -25,9 +25,12 @@ from kontinue.trainer.callbacks import validation_follows
 from kontinue.trainer.checkpoint_io import BackgroundWriter
 from kontinue.trainer.ownership import Claimant
 from kontinue.trainer.rundir import POINTER, RunDirectory, open_run_directory
+from kontinue.trainer.serializer import MIN_HELPER_BYTES_ENV
 from tests.test_resume import assert_same_outcome, finish, read_status, reference, stop  # noqa: F401
 from kontinue.api.contract import PREEMPTED_EXIT_CODE
-from tests.trainer_fixtures import Trainer, has_no_resume_points, resume_points, signal_when
+from tests.trainer_fixtures import Trainer, has_no_resume_points, resume_points, signal_when, training_run
+
+HELPER_READY = "serialised by helper process"  # what the trainer logs once its helper takes writes
 
 
 class Crash(Exception):
@@ -293,6 +296,50 @@ def test_sigterm_with_a_save_in_flight_waits_for_it_and_resumes_exactly(referenc
         "no save was in flight when a stop came: the test did not test that"
     finish(harness, manifest, run_dir)
     assert_same_outcome(run_dir, reference_dir)
+
+
+@pytest.fixture(scope="module")
+def long_reference(tmp_path_factory, tiny_bert, review_tables) -> tuple[dict, Path]:
+    """An uninterrupted run long enough (10 epochs) for the helper process of each attempt to start
+    (it imports torch) well before the run ends."""
+    workdir = tmp_path_factory.mktemp("long-reference")
+    manifest = training_run("exact", str(workdir / "store"), review_tables, tiny_bert,
+                            hyperparameters={"optim.max_epochs": 10})
+    run_dir = workdir / "store" / "tests" / "exact"
+    attempt = Trainer(workdir).attempt(manifest, str(run_dir))
+    assert attempt.exit_code == 0, attempt.output[-3000:]
+    return manifest, run_dir
+
+
+def test_saves_by_the_helper_process_stopped_by_sigterm_and_sigkill_resume_exactly(long_reference, tmp_path):
+    """Every checkpoint through the helper process, as a big model's go (the tiny model's are under
+    MIN_HELPER_BYTES), a resume point each step: a SIGTERM and a SIGKILL while saves are in flight,
+    each a few steps after that attempt's helper started, and the run still ends bit-identical to the
+    uninterrupted one (whose checkpoints the trainer's writer thread wrote)."""
+    manifest, reference_dir = long_reference
+    manifest = every_step(manifest)
+    total = read_status(reference_dir)["finalState"]["step"]
+    harness, run_dir = Trainer(tmp_path, {MIN_HELPER_BYTES_ENV: "0"}), tmp_path / "store" / "tests" / "exact"
+    rng = random.Random()
+    for signum, exit_code in ((signal.SIGTERM, PREEMPTED_EXIT_CODE), (signal.SIGKILL, -signal.SIGKILL)):
+        process, stop_at = harness.start(manifest, str(run_dir)), []
+
+        def due() -> bool:
+            if not stop_at and HELPER_READY in process.output():
+                stop_at.append(_newest_step(run_dir) + rng.randint(2, 5))
+            return bool(stop_at) and _newest_step(run_dir) >= stop_at[0]
+
+        code = signal_when(process.popen, due, signum, time.monotonic() + 300)
+        assert stop_at, f"the helper never said it was ready: {process.output()[-3000:]}"
+        assert code == exit_code, process.output()[-3000:]
+        assert _newest_step(run_dir) < total
+        if signum == signal.SIGTERM:  # its final resume point is durable and recorded
+            status = read_status(run_dir)
+            assert status["lastCheckpoint"]["step"] == resume_points(run_dir)[0]["step"] == \
+                status["attempts"][-1]["toStep"]
+    finish(harness, manifest, run_dir)
+    assert_same_outcome(run_dir, reference_dir)
+    assert has_no_resume_points(run_dir)
 
 
 def test_an_old_layout_run_directory_still_resumes_and_ends_in_the_new_one(reference, tmp_path):  # noqa: F811

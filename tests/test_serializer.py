@@ -14,8 +14,10 @@ import time
 import pytest
 import torch
 
+from kontinue.api.contract import InvalidInput
 from kontinue.storage import LocalStore, StorageError
-from kontinue.trainer.serializer import NICENESS, SerializerProcess, Snapshot, write_checkpoint
+from kontinue.trainer.serializer import (MIN_HELPER_BYTES, MIN_HELPER_BYTES_ENV, NICENESS, SerializerProcess, Snapshot,
+                                         min_helper_bytes, write_checkpoint)
 
 
 def a_state() -> dict:
@@ -92,7 +94,9 @@ def test_the_helper_runs_at_a_lower_priority_and_ignores_stop_signals(serializer
     store = LocalStore(tmp_path)
     write_checkpoint(store, "a.ckpt", Snapshot(a_state(), serializer))
     helper = serializer._process.pid
-    assert os.getpriority(os.PRIO_PROCESS, helper) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + NICENESS)
+    lower = min(19, os.getpriority(os.PRIO_PROCESS, 0) + NICENESS)
+    threads = [int(thread) for thread in os.listdir(f"/proc/{helper}/task")]
+    assert {thread: os.getpriority(os.PRIO_PROCESS, thread) for thread in threads} == dict.fromkeys(threads, lower)
     os.kill(helper, signal.SIGTERM)  # the trainer decides when writing stops, not a signal to the group
     os.kill(helper, signal.SIGINT)
     write_checkpoint(store, "b.ckpt", Snapshot(a_state(), serializer))
@@ -187,3 +191,14 @@ def test_a_small_snapshot_is_written_by_the_trainers_thread(tmp_path):
     info = write_checkpoint(store, "small.ckpt", Snapshot(a_state(), serializer))
     assert store.verify("small.ckpt") == info.sha256
     assert serializer._process is None
+
+
+def test_the_size_from_which_the_helper_writes_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv(MIN_HELPER_BYTES_ENV, raising=False)
+    assert min_helper_bytes() == MIN_HELPER_BYTES
+    monkeypatch.setenv(MIN_HELPER_BYTES_ENV, "0")
+    assert min_helper_bytes() == 0
+    for wrong in ("-1", "1e9", "128MiB", ""):
+        monkeypatch.setenv(MIN_HELPER_BYTES_ENV, wrong)
+        with pytest.raises(InvalidInput, match=MIN_HELPER_BYTES_ENV):
+            min_helper_bytes()

@@ -5,7 +5,7 @@ Writing a checkpoint in a thread of the training process hides the wait but not 
 and that thread holds the GIL the training loop needs. So a `Snapshot` copies every tensor into one
 shared-memory buffer (a memfd: /dev/shm is only 64 MiB in a default pod) while the loop waits, and
 a `SerializerProcess`, a helper process started once at nice `NICENESS` (`serve`), maps that
-buffer, streams torch.save into the store and reports the object's size and sha256. Training keeps the CPU; the helper gets what training leaves, and all of it once a stop
+buffer, streams torch.save into the store and reports the object's size and sha256. Training keeps the CPU; the helper gets what training leaves (after its imports), and all of it once a stop
 signal ends training. The helper ignores SIGTERM and SIGINT (the trainer decides when to stop) and
 exits when the trainer's end of its socket closes or the trainer is gone.
 """
@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from kontinue.api.contract import InvalidInput
 from kontinue.storage import ObjectInfo, StorageError, Store
 
 log = logging.getLogger("kontinue.trainer")
@@ -40,6 +41,17 @@ READY = b"ready"  # what the helper says once it can take writes
 # Smaller snapshots are written by the trainer's writer thread: they cost little CPU there, and at
 # the helper's lower priority they would only become durable later on a busy machine.
 MIN_HELPER_BYTES = 128 << 20
+MIN_HELPER_BYTES_ENV = "KONTINUE_SERIALIZER_MIN_BYTES"  # overrides it: 0 sends every checkpoint to the helper
+
+
+def min_helper_bytes() -> int:
+    """The size from which snapshots go to the helper: MIN_HELPER_BYTES_ENV when it is set."""
+    value = os.environ.get(MIN_HELPER_BYTES_ENV)
+    if value is None:
+        return MIN_HELPER_BYTES
+    if not value.strip().isdigit():
+        raise InvalidInput(MIN_HELPER_BYTES_ENV, f"must be a whole number of bytes (0 or more), not {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -169,7 +181,7 @@ class SerializerProcess:
     @classmethod
     def shared(cls) -> SerializerProcess:
         if cls._shared is None:
-            cls._shared = cls()
+            cls._shared = cls(min_helper_bytes())
         return cls._shared
 
     def __init__(self, min_bytes: int = MIN_HELPER_BYTES) -> None:
@@ -200,9 +212,9 @@ class SerializerProcess:
         environ = {**os.environ, "PYTHONPATH": os.pathsep.join(
             filter(None, [package_root, os.environ.get("PYTHONPATH")]))}  # this kontinue, installed or not
         with theirs:
-            self._process = subprocess.Popen(  # stop signals ignored, and a lower priority before torch starts a thread
-                [sys.executable, "-c", f"import os, signal; [signal.signal(s, signal.SIG_IGN) for s in "
-                                       f"(signal.SIGTERM, signal.SIGINT)]; os.nice({NICENESS}); "
+            self._process = subprocess.Popen(  # stop signals ignored before the imports
+                [sys.executable, "-c", f"import signal; [signal.signal(s, signal.SIG_IGN) for s in "
+                                       f"(signal.SIGTERM, signal.SIGINT)]; "
                                        f"from kontinue.trainer.serializer import serve; serve({theirs.fileno()}, {os.getpid()})"],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=environ)
         self._connection = Connection(mine.detach())
@@ -213,6 +225,8 @@ class SerializerProcess:
         if not self._ready and self._connection.poll(0):
             try:
                 self._ready = self._connection.recv_bytes() == READY
+                log.info("checkpoints from %d MiB on are serialised by helper process %d",
+                         self.min_bytes >> 20, self._process.pid)
             except (EOFError, OSError):
                 log.warning("the checkpoint serializer process ended as it started (exit code %s); "
                             "checkpoints are serialised in the trainer's own process", self._stop())
@@ -271,9 +285,21 @@ def _exit_when_orphaned(parent: int) -> None:
     os._exit(1)
 
 
+def _lower_priority() -> None:
+    """This process NICENESS below the trainer's priority, every thread of it (Linux keeps a
+    niceness per thread, and importing torch may have started some)."""
+    niceness = min(19, os.getpriority(os.PRIO_PROCESS, 0) + NICENESS)
+    for thread in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that has ended since
+            os.setpriority(os.PRIO_PROCESS, int(thread), niceness)
+
+
 def serve(channel_fd: int, parent: int) -> None:
-    """The helper's loop: one write per message until the trainer closes its end."""
+    """The helper's loop: one write per message until the trainer closes its end. Its imports ran
+    at the trainer's priority, so it is ready within seconds even when training has begun; it
+    writes NICENESS below it."""
     torch.set_num_threads(1)
+    _lower_priority()
     threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
     connection = Connection(channel_fd)
     try:
