@@ -1,9 +1,11 @@
 """Preemption benchmark: SIGTERM to a durable checkpoint, and a relaunch to its first resumed step.
 
 Runs `python -m kontinue train --spec <manifest> --run-dir <dir>` as a trainer pod does (MiniLM-L6,
-Rotten Tomatoes rows, on the CPU), once with the run directory on the local disk and once on an S3
-endpoint (moto's ThreadedMotoServer at 127.0.0.1, in this process; the trainers are other
-processes), and measures, side by side in one run:
+Rotten Tomatoes rows, on the CPU), with the run directory on the local disk and on an S3 endpoint
+(moto's server at 127.0.0.1 in a child process at each --moto-nice niceness, benchmarks/s3_server.py),
+each with the checkpoints serialised by each of --writers (the helper process, kontinue's default for
+MiniLM's 271.5 MB; the trainer's writer thread, as below 128 MiB), and measures, side by side in one
+run:
 
 1. SIGTERM -> durable checkpoint. With `checkpoint.intervalSteps` small (2 by default), the trainer
    gets SIGTERM right after a step at which a resume point was taken, so that point is still being
@@ -27,7 +29,7 @@ stdout, which the benchmark reads. The resume points themselves are observed fro
 pointer `last.json` polled in the store, and the outcome line the trainer prints before it exits.
 
     python benchmarks/bench_preemption.py [--rows N] [--interval-steps N] [--signal-after-step N]
-        [--resumes K] [--steps-after-resume N] [--no-s3]
+        [--resumes K] [--steps-after-resume N] [--no-s3] [--moto-nice N [N ...]] [--writers W [W ...]]
 """
 
 from __future__ import annotations
@@ -39,9 +41,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import json  # noqa: E402
-import logging  # noqa: E402
 import platform  # noqa: E402
 import signal  # noqa: E402
 import statistics  # noqa: E402
@@ -52,20 +52,27 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Callable, Iterator  # noqa: E402
+from typing import Any, Callable  # noqa: E402
 
 import yaml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
+from benchmarks.s3_server import moto_server  # noqa: E402
 from kontinue.api.contract import ATTEMPT_ENV, PREEMPTED_EXIT_CODE, RUN_UID_ENV  # noqa: E402
 from kontinue.storage import ObjectNotFound, S3Config, S3Store, Store, open_store  # noqa: E402
+from kontinue.trainer.serializer import MIN_HELPER_BYTES_ENV  # noqa: E402
 
 MARK = "kontinue-bench:"
 STATUS_MARK = "kontinue-status:"
 POINTER = "last.json"
 GRACE_SECONDS = 120  # the operator's default grace period for a trainer pod (kontinue/operator/reconcile.py)
+LOCAL, S3 = "local disk", "s3 nice"  # where the run directory is; S3: moto's server at that niceness
+HELPER_WROTE = "serialised by helper process"  # the trainer's log line once its helper process takes writes
+# Who serialises the checkpoints: the helper process (the default for MiniLM's 271.5 MB points, once
+# it has started) or the trainer's writer thread (every checkpoint below the size limit).
+WRITERS = {"helper": {}, "thread": {MIN_HELPER_BYTES_ENV: str(1 << 62)}}
 
 # Loaded by the trainer's interpreter at start-up (site.py imports `sitecustomize` from sys.path).
 # It waits for `lightning.pytorch` to be imported (a meta-path hook, so nothing is imported earlier
@@ -180,6 +187,10 @@ class Attempt:
     size: int | None = None
     log: list[str] = field(default_factory=list)
     pointer_reads: list[float] = field(default_factory=list)  # how long each read of last.json took
+
+    @property
+    def helper_wrote(self) -> bool:
+        return any(HELPER_WROTE in line for line in self.log)
 
     @property
     def first_step(self) -> int | None:
@@ -331,24 +342,6 @@ def run_attempt(args, attempt: Attempt, command: list[str], environ: dict[str, s
     return attempt
 
 
-# -- S3 ------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def moto_s3() -> Iterator[dict[str, str]]:
-    """moto's ThreadedMotoServer at 127.0.0.1 in this process; yields the trainer's S3 variables."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    environ = {"KONTINUE_S3_ENDPOINT": f"http://{host}:{port}", "KONTINUE_S3_ACCESS_KEY": "bench-access",
-               "KONTINUE_S3_SECRET_KEY": "bench-secret-value", "KONTINUE_S3_REGION": "us-east-1"}
-    try:
-        yield environ
-    finally:
-        server.stop()
-
-
 # -- one run directory ------------------------------------------------------------------------------------
 @dataclass
 class Series:
@@ -356,11 +349,12 @@ class Series:
     attempts: list[Attempt]
 
 
-def run_series(args, where: str, storage: str, data: dict[str, str], workdir: Path,
+def run_series(args, where: str, writer: str, storage: str, data: dict[str, str], workdir: Path,
                s3_environ: dict[str, str] | None, hook_dir: Path) -> Series:
     logs = Path(args.logs) if args.logs else workdir
     logs.mkdir(parents=True, exist_ok=True)
-    name = "preemption-s3" if s3_environ else "preemption-local"
+    name = f"preemption-{where.replace(' ', '-')}-{writer}"
+    where = f"{where}, {writer}"
     manifest = training_run(args, name, storage, data, s3=s3_environ is not None)
     spec = workdir / f"{name}.yaml"
     spec.write_text(yaml.safe_dump(manifest))
@@ -370,7 +364,7 @@ def run_series(args, where: str, storage: str, data: dict[str, str], workdir: Pa
     stop_after = args.signal_after_step
     for number in range(1, args.resumes + 2):
         attempt = Attempt(number, resumed=number > 1)
-        environ = {**os.environ, **(s3_environ or {}),
+        environ = {**os.environ, **(s3_environ or {}), **WRITERS[writer],
                    "PYTHONPATH": os.pathsep.join(filter(None, [str(hook_dir), str(REPO),
                                                                os.environ.get("PYTHONPATH")])),
                    RUN_UID_ENV: f"bench-{name}", ATTEMPT_ENV: str(number),
@@ -393,7 +387,7 @@ def run_series(args, where: str, storage: str, data: dict[str, str], workdir: Pa
 
 
 def describe_attempt(attempt: Attempt) -> str:
-    parts = [f"exit {attempt.exit_code}"]
+    parts = [f"exit {attempt.exit_code}", "the helper process wrote" if attempt.helper_wrote else "the thread wrote"]
     if attempt.first_step is not None:
         parts.append(f"first step {attempt.first_step} at +{attempt.steps[attempt.first_step] - attempt.launched:.1f} s")
     if attempt.signalled is not None:
@@ -494,6 +488,8 @@ def print_report(series: list[Series], interval_steps: int) -> None:
         ("SIGTERM -> last.json names the final point", lambda e: _fmt(median(e, since_signal(lambda a: a.durable)))),
         ("SIGTERM -> exit", lambda e: _fmt(median(e, since_signal(lambda a: a.exited)))),
         ("  exit codes (75 expected)", lambda e: ", ".join(str(a.exit_code) for a in e.attempts)),
+        ("  attempts whose helper process wrote", lambda e: f"{sum(a.helper_wrote for a in e.attempts)} of "
+                                                            f"{len(e.attempts)}"),
         ("launch -> train start, fresh", lambda e: _fmt(median(e, train_start, "fresh"))),
         ("launch -> train start, resumed", lambda e: _fmt(median(e, train_start, "resumed"))),
         ("  ratio resumed / fresh", lambda e: ratio(e, train_start)),
@@ -503,13 +499,19 @@ def print_report(series: list[Series], interval_steps: int) -> None:
     ]
     for label, cell in rows:
         _print(f"  {label:<44} " + " ".join(f"{cell(entry):>22}" for entry in series))
-    if len(series) == 2:
-        durable = [median(entry, since_signal(lambda a: a.durable)) for entry in series]
-        first = [median(entry, first_step, "resumed") for entry in series]
-        if all(durable):
-            _print(f"  {'S3 / local: SIGTERM -> durable':<44} {durable[1] / durable[0]:>22.2f}")
-        if all(first):
-            _print(f"  {'S3 / local: launch -> first resumed step':<44} {first[1] / first[0]:>22.2f}")
+    durable = {entry.where: median(entry, since_signal(lambda a: a.durable)) for entry in series}
+    first = {entry.where: median(entry, first_step, "resumed") for entry in series}
+    places = list(dict.fromkeys(entry.where.rsplit(", ", 1)[0] for entry in series))  # LOCAL, then each S3
+    for place in places[1:]:
+        for writer in WRITERS:
+            for label, values in (("SIGTERM -> durable", durable), ("launch -> first resumed step", first)):
+                local, s3 = (values.get(f"{where}, {writer}") for where in (LOCAL, place))
+                if local and s3:
+                    _print(f"  {f'{place} / local, {writer}: {label}':<54} {s3 / local:>12.2f}")
+    for place in places:
+        helper, thread = (durable.get(f"{place}, {writer}") for writer in WRITERS)
+        if helper and thread:
+            _print(f"  {f'helper / thread, {place}: SIGTERM -> durable':<54} {helper / thread:>12.2f}")
     _print("  reading last.json (median / max): " + "; ".join(
         f"{entry.where} {1000 * _median(reads):.0f} / {1000 * max(reads):.0f} ms"
         for entry in series if (reads := [r for a in entry.attempts for r in a.pointer_reads])))
@@ -545,6 +547,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll", type=float, default=0.02, help="seconds between reads of last.json")
     parser.add_argument("--timeout", type=float, default=600, help="seconds an attempt may take")
     parser.add_argument("--no-s3", action="store_true", help="skip the S3 (moto) run directory")
+    parser.add_argument("--moto-nice", type=int, nargs="+", default=[19],
+                        help="moto's niceness, one S3 run directory each (19: it takes only the CPU the trainer "
+                             "and its writer leave, as a remote endpoint; 0: it competes with them)")
+    parser.add_argument("--writers", nargs="+", choices=list(WRITERS), default=list(WRITERS),
+                        help="who serialises the checkpoints: the helper process (the default), the trainer's thread")
     parser.add_argument("--logs", default=None, help="keep each attempt's output in this directory")
     args = parser.parse_args(argv)
     for name in ("interval_steps", "signal_after_step", "steps_after_resume", "batch_size"):
@@ -572,12 +579,14 @@ def main(argv: list[str] | None = None) -> int:
         hook_dir.mkdir()
         (hook_dir / "sitecustomize.py").write_text(SITECUSTOMIZE)
         data = write_tables(args.rows, args.tuning_rows, 0, workdir)
-        series.append(run_series(args, "local disk", str(workdir / "store"), data, workdir, None, hook_dir))
-        if not args.no_s3:
-            with moto_s3() as s3_environ:
-                S3Store(S3Config.from_environ(s3_environ), "kontinue-bench").ensure_bucket()
-                series.append(run_series(args, "s3 (moto, 127.0.0.1)", "s3://kontinue-bench/store", data,
-                                         workdir, s3_environ, hook_dir))
+        for writer in args.writers:
+            series.append(run_series(args, LOCAL, writer, str(workdir / "store"), data, workdir, None, hook_dir))
+        for nice in [] if args.no_s3 else args.moto_nice:
+            with moto_server(nice) as server:
+                S3Store(S3Config.from_environ(server.environ), "kontinue-bench").ensure_bucket()
+                for writer in args.writers:
+                    series.append(run_series(args, f"{S3} {nice}", writer, f"s3://kontinue-bench/store-{nice}",
+                                             data, workdir, server.environ, hook_dir))
     print_report(series, args.interval_steps)
     print(f"\ntotal benchmark wall time {time.monotonic() - total_start:.0f} s; load average at the end "
           "%.2f %.2f %.2f" % os.getloadavg())

@@ -115,6 +115,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from benchmarks.s3_server import moto_server  # noqa: E402
 from kontinue.storage import S3Config, S3Store, Store  # noqa: E402
 from kontinue.trainer.checkpoint_io import BackgroundWriter, ResumePointIO  # noqa: E402
 from kontinue.trainer.predictor import Predictor  # noqa: E402
@@ -828,65 +829,26 @@ def stalls_of(result: RunResult, plain: RunResult, where: str, every: int) -> li
     return stalls
 
 
-MOTO_CHILD = """
-import logging, os, sys
-os.nice(int(sys.argv[1]))  # before any thread starts: on Linux a thread's niceness is its own, inherited
-from moto.server import ThreadedMotoServer
-logging.getLogger("werkzeug").setLevel(logging.ERROR)
-server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-server.start()
-print("%s %d" % server.get_host_and_port(), flush=True)
-sys.stdin.read()  # until the benchmark closes our stdin
-server.stop()
-"""
-
-
 @contextlib.contextmanager
 def moto_s3(in_process: bool = False, nice: int = 0) -> Iterator[None]:
-    """moto's ThreadedMotoServer at 127.0.0.1, in a child process at niceness `nice` (by default:
-    its request handling then does not take the training loop's GIL, as a real S3 endpoint would
-    not; it still shares the machine's cores, which `nice` 19 leaves to training) or in this process
-    (as the benchmark did before resume points moved to the background; `nice` does not apply)."""
-    import subprocess
-
-    child, server = None, None
-    if in_process:
-        from moto.server import ThreadedMotoServer
-
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-    else:
-        child = subprocess.Popen([sys.executable, "-c", MOTO_CHILD, str(nice)], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, text=True)
-        line = child.stdout.readline().split()
-        if len(line) != 2:
-            child.kill()
-            raise RuntimeError(f"moto's server process did not start (exit code {child.wait()})")
-        host, port = line
-        MOTO_SERVER["pid"] = child.pid
-    environ = {"KONTINUE_S3_ENDPOINT": f"http://{host}:{port}", "KONTINUE_S3_ACCESS_KEY": "bench-access",
-               "KONTINUE_S3_SECRET_KEY": "bench-secret-value", "KONTINUE_S3_REGION": "us-east-1"}
-    saved = {name: os.environ.get(name) for name in environ}
-    os.environ.update(environ)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        if server is not None:
-            server.stop()
-        if child is not None:
+    """moto's server (benchmarks/s3_server.py) with this process's environment pointing at it: in a
+    child process at niceness `nice` (by default: its request handling then does not take the
+    training loop's GIL, as a real S3 endpoint would not; it still shares the machine's cores, which
+    `nice` 19 leaves to training) or in this process (as the benchmark did before resume points moved
+    to the background; `nice` does not apply)."""
+    with moto_server(nice, in_process) as server:
+        saved = {name: os.environ.get(name) for name in server.environ}
+        os.environ.update(server.environ)
+        MOTO_SERVER["pid"] = server.pid
+        try:
+            yield
+        finally:
             MOTO_SERVER["pid"] = None
-            child.stdin.close()
-            try:
-                child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def run_checkpointing(args, train, tuning, workdir: Path, s3: bool, nice: int = 0) -> tuple[RunResult, RunResult]:

@@ -24,7 +24,7 @@ import torch
 from kontinue.trainer.callbacks import validation_follows
 from kontinue.trainer.checkpoint_io import BackgroundWriter
 from kontinue.trainer.ownership import Claimant
-from kontinue.trainer.rundir import POINTER, RunDirectory, open_run_directory
+from kontinue.trainer.rundir import EMPTY, POINTER, RESUMABLE, RunDirectory, open_run_directory
 from kontinue.trainer.serializer import MIN_HELPER_BYTES_ENV
 from tests.test_resume import assert_same_outcome, finish, read_status, reference, stop  # noqa: F401
 from kontinue.api.contract import PREEMPTED_EXIT_CODE
@@ -210,6 +210,25 @@ def test_an_unreadable_pointer_falls_back_to_the_points_found_by_listing(run_uri
     resumed = reopen(run_uri, tmp_path)
     assert torch.load(resumed.find_resume_point(), weights_only=True)["global_step"] == 6
     assert any(POINTER in w["message"] for w in resumed.status["warnings"])
+
+
+def test_a_scratch_directory_left_by_another_run_is_not_taken_for_this_one(s3_server, tmp_path, monkeypatch):
+    """A remote run directory opened on a scratch directory that still mirrors another run (a reused
+    volume, a second run on the same disk): the remote directory is the truth, so a new run starts
+    empty instead of failing to resume the other one."""
+    for name, value in s3_server.environ.items():
+        monkeypatch.setenv(name, value)
+    bucket, scratch = s3_server.make_bucket(), tmp_path / "scratch"
+    other = open_run_directory(f"s3://{bucket}/runs/other", scratch)
+    other.write_metadata({"label": "label"})
+    other.update_status(phase="Running", step=5, lastCheckpoint={"step": 5, "uri": f"s3://{bucket}/runs/other/x"})
+    assert other.state() == RESUMABLE
+
+    mine = open_run_directory(f"s3://{bucket}/runs/mine", scratch)
+    assert mine.state() == EMPTY
+    assert mine.status == {} and not any(path.is_file() for path in scratch.rglob("*"))
+    again = open_run_directory(f"s3://{bucket}/runs/other", scratch)  # and the other one is whole again
+    assert again.state() == RESUMABLE and again.status["step"] == 5
 
 
 def test_a_stale_attempt_never_reuses_a_newer_attempts_key(tmp_path):

@@ -95,10 +95,15 @@ class RunDirectory:
 
     def fetch(self) -> None:
         """Brings metadata, assets, status and the best model down from the remote run directory,
-        each file with a recorded sha256 verified against it."""
+        each file with a recorded sha256 verified against it. The remote directory is the truth: what
+        the scratch directory holds beyond it (left there by another run or an earlier attempt) goes."""
         if self.remote is None:
             return
-        for info in self.remote.list():
+        remote = {info.key: info for info in self.remote.list()}
+        for info in self.local.list():
+            if info.key not in remote:
+                self.local.delete(info.key)
+        for info in remote.values():
             if not _resume_point_file(info.key) and not info.key.startswith("dump/"):
                 self.remote.get_file(info.key, self.path / info.key, verify=info.sha256 is not None)
         self.status = self._read_status()

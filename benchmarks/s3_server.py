@@ -1,0 +1,71 @@
+"""moto's S3 server at 127.0.0.1 for the benchmarks, in a child process at a chosen niceness.
+
+A real S3 endpoint does not run on the trainer's machine; moto does, and its request handling (part
+hashing, XML, copying) takes CPU the trainer and its checkpoint writer would otherwise get. At nice 19
+it takes only what they leave, which models a remote endpoint more faithfully; at nice 0 it competes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Iterator
+
+MOTO_CHILD = """
+import logging, os, sys
+os.nice(int(sys.argv[1]))  # before any thread starts: on Linux a thread's niceness is its own, inherited
+from moto.server import ThreadedMotoServer
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+print("%s %d" % server.get_host_and_port(), flush=True)
+sys.stdin.read()  # until the benchmark closes our stdin
+server.stop()
+"""
+
+
+@dataclass(frozen=True)
+class MotoServer:
+    environ: dict[str, str]  # what a trainer pod gets from its Secret
+    pid: int | None  # the server's process (None: it runs in this one)
+
+
+def _environ(host: str, port: int | str) -> dict[str, str]:
+    return {"KONTINUE_S3_ENDPOINT": f"http://{host}:{port}", "KONTINUE_S3_ACCESS_KEY": "bench-access",
+            "KONTINUE_S3_SECRET_KEY": "bench-secret-value", "KONTINUE_S3_REGION": "us-east-1"}
+
+
+@contextlib.contextmanager
+def moto_server(nice: int = 0, in_process: bool = False) -> Iterator[MotoServer]:
+    """moto's ThreadedMotoServer in a child process at niceness `nice`, or in this process (`nice`
+    does not apply; its request handling then takes this process's GIL)."""
+    if in_process:
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        try:
+            yield MotoServer(_environ(*server.get_host_and_port()), None)
+        finally:
+            server.stop()
+        return
+    child = subprocess.Popen([sys.executable, "-c", MOTO_CHILD, str(nice)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    line = child.stdout.readline().split()
+    if len(line) != 2:
+        child.kill()
+        raise RuntimeError(f"moto's server process did not start (exit code {child.wait()})")
+    try:
+        yield MotoServer(_environ(*line), child.pid)
+    finally:
+        child.stdin.close()
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
