@@ -16,6 +16,7 @@ import torch
 
 from kontinue.api.contract import InvalidInput
 from kontinue.storage import LocalStore, StorageError
+from kontinue.trainer.checkpoint_io import BackgroundWriter
 from kontinue.trainer.serializer import (MIN_HELPER_BYTES, MIN_HELPER_BYTES_ENV, NICENESS, SerializerProcess, Snapshot,
                                          min_helper_bytes, write_checkpoint)
 
@@ -202,3 +203,15 @@ def test_the_size_from_which_the_helper_writes_comes_from_the_environment(monkey
         monkeypatch.setenv(MIN_HELPER_BYTES_ENV, wrong)
         with pytest.raises(InvalidInput, match=MIN_HELPER_BYTES_ENV):
             min_helper_bytes()
+
+
+def test_once_training_stopped_snapshots_are_written_at_the_trainers_priority(serializer, tmp_path):
+    """A stopping trainer's final resume point is written by its own writer thread, not by the
+    helper at a lower priority: nothing is left to leave the CPU to."""
+    writer = BackgroundWriter(serializer)
+    assert writer.snapshot(a_state()).serializer is serializer
+    writer.training_stopped()
+    final = writer.snapshot(a_state())
+    assert final.serializer is None
+    write_checkpoint(LocalStore(tmp_path), "final.ckpt", final)
+    assert_same(torch.load(tmp_path / "final.ckpt", weights_only=True), a_state())

@@ -219,6 +219,8 @@ class ResumePoints(pl.Callback):
     def _save(self, trainer) -> None:
         self._save_pending = False
         key = self.run_dir.resume_point_key(trainer.global_step) if trainer.is_global_zero else "unused"
+        if self._stop_agreed:
+            self.writer.training_stopped()
         trainer.save_checkpoint(key, weights_only=False)  # returns once the state is copied
         self._last_save = time.monotonic()
         if self._stop_agreed:
