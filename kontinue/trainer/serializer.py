@@ -4,10 +4,12 @@ Writing a checkpoint in a thread of the training process hides the wait but not 
 (torch.save, sha256, an upload's signing and copying: several CPU-seconds for a few hundred MB),
 and that thread holds the GIL the training loop needs. So a `Snapshot` copies every tensor into one
 shared-memory buffer (a memfd: /dev/shm is only 64 MiB in a default pod) while the loop waits, and
-a `SerializerProcess`, a helper process started once at nice `NICENESS` (`serve`), maps that
-buffer, streams torch.save into the store and reports the object's size and sha256. Training keeps the CPU; the helper gets what training leaves (after its imports), and all of it once a stop
-signal ends training. The helper ignores SIGTERM and SIGINT (the trainer decides when to stop) and
-exits when the trainer's end of its socket closes or the trainer is gone.
+a `SerializerProcess`, a helper process started once (`serve`), maps that buffer, streams
+torch.save into the store and reports the object's size and sha256. The helper imports at the
+trainer's priority, then runs NICENESS below it: training keeps the CPU, the helper gets what
+training leaves. It ignores SIGTERM and SIGINT (the trainer decides when to stop) and exits when the
+trainer's end of its socket closes or the trainer is gone. Snapshots under MIN_HELPER_BYTES, and
+those a stopping trainer takes, are written by the trainer's writer thread instead.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ READY = b"ready"  # what the helper says once it can take writes
 # Smaller snapshots are written by the trainer's writer thread: they cost little CPU there, and at
 # the helper's lower priority they would only become durable later on a busy machine.
 MIN_HELPER_BYTES = 128 << 20
+START_SECONDS = 60  # how long a write waits for a helper still importing torch
 MIN_HELPER_BYTES_ENV = "KONTINUE_SERIALIZER_MIN_BYTES"  # overrides it: 0 sends every checkpoint to the helper
 
 
@@ -234,11 +237,18 @@ class SerializerProcess:
         return self._ready
 
     def write(self, store: Store, key: str, snapshot: Snapshot) -> ObjectInfo | None:
-        """Stores `snapshot` as `key` of `store` (with its sha256) through the helper process; None
-        while the helper is still starting (its caller writes in its own thread then, not waiting)."""
+        """Stores `snapshot` as `key` of `store` (with its sha256) through the helper process. A
+        helper still starting is waited for (its caller is a writer thread: training goes on, and
+        writing in the trainer's process instead would take its CPU for longer than the wait); None
+        if it could not start, or is not ready after START_SECONDS: its caller writes it then."""
         with self._lock:
             self._running()
+            if not self._failed_to_start and not self._ready:
+                self._connection.poll(START_SECONDS)
             if self._failed_to_start or not self._check_ready():
+                if not self._failed_to_start:
+                    log.warning("the checkpoint serializer process is not ready after %d s; %s is written by the "
+                                "trainer's writer thread", START_SECONDS, key)
                 return None
             try:
                 self._connection.send_bytes(pickle.dumps((store, key, snapshot.tree, snapshot.size)))
