@@ -199,7 +199,7 @@ def test_the_size_from_which_the_helper_writes_comes_from_the_environment(monkey
     assert min_helper_bytes() == MIN_HELPER_BYTES
     monkeypatch.setenv(MIN_HELPER_BYTES_ENV, "0")
     assert min_helper_bytes() == 0
-    for wrong in ("-1", "1e9", "128MiB", ""):
+    for wrong in ("-1", "1e9", "128MiB", "", "²"):
         monkeypatch.setenv(MIN_HELPER_BYTES_ENV, wrong)
         with pytest.raises(InvalidInput, match=MIN_HELPER_BYTES_ENV):
             min_helper_bytes()

@@ -52,9 +52,13 @@ def min_helper_bytes() -> int:
     value = os.environ.get(MIN_HELPER_BYTES_ENV)
     if value is None:
         return MIN_HELPER_BYTES
-    if not value.strip().isdigit():
+    try:
+        size = int(value)
+    except ValueError:
+        size = -1
+    if size < 0:
         raise InvalidInput(MIN_HELPER_BYTES_ENV, f"must be a whole number of bytes (0 or more), not {value!r}")
-    return int(value)
+    return size
 
 
 @dataclass(frozen=True)
