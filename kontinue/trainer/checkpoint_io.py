@@ -44,7 +44,7 @@ class BackgroundWriter:
 
     def __init__(self, serializer: SerializerProcess | None = None) -> None:
         self.serializer = serializer or SerializerProcess.shared()
-        self._training_over = False
+        self._stopping = False
         self._jobs: deque[_Job] = deque()
         self._busy: _Job | None = None  # the write in progress
         self._error: BaseException | None = None
@@ -53,13 +53,13 @@ class BackgroundWriter:
 
     def snapshot(self, value: Any) -> Snapshot:
         """A copy of `value` that training can no longer change, for a write submitted here."""
-        return Snapshot(value, None if self._training_over else self.serializer)
+        return Snapshot(value, None if self._stopping else self.serializer)
 
     def training_stopped(self) -> None:
         """Snapshots taken from now on are written by this writer's thread, at the trainer's priority:
         the helper's lower one only leaves training the CPU, and a stopping trainer's final resume
         point should be durable as soon as possible."""
-        self._training_over = True
+        self._stopping = True
 
     def submit(self, write: Callable[[], None], what: str, *, supersedable: bool = False) -> None:
         self.check()

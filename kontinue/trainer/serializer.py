@@ -204,9 +204,8 @@ class SerializerProcess:
         `wait`, returns once it can take writes."""
         with self._lock:
             self._running()
-            if wait and not self._failed_to_start:
-                self._connection.poll(None)
-                self._check_ready()
+            if wait:
+                self._check_ready(timeout=None)
 
     def _running(self) -> None:
         if not self._failed_to_start and (self._process is None or self._process.poll() is not None):
@@ -226,10 +225,10 @@ class SerializerProcess:
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=environ)
         self._connection = Connection(mine.detach())
 
-    def _check_ready(self) -> bool:
-        """Whether the helper said it is ready (read without waiting); one that ended before it
-        was is not started again."""
-        if not self._ready and self._connection.poll(0):
+    def _check_ready(self, timeout: float | None = 0) -> bool:
+        """Whether the helper said it is ready, waiting up to `timeout` seconds (None: until it
+        says so or ends); one that ended before it was is not started again."""
+        if not self._ready and not self._failed_to_start and self._connection.poll(timeout):
             try:
                 self._ready = self._connection.recv_bytes() == READY
                 log.info("checkpoints from %d MiB on are serialised by helper process %d",
@@ -247,9 +246,7 @@ class SerializerProcess:
         if it could not start, or is not ready after START_SECONDS: its caller writes it then."""
         with self._lock:
             self._running()
-            if not self._failed_to_start and not self._ready:
-                self._connection.poll(START_SECONDS)
-            if self._failed_to_start or not self._check_ready():
+            if not self._check_ready(timeout=START_SECONDS):
                 if not self._failed_to_start:
                     log.warning("the checkpoint serializer process is not ready after %d s; %s is written by the "
                                 "trainer's writer thread", START_SECONDS, key)
