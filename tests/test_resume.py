@@ -104,16 +104,23 @@ def test_preempted_during_set_up_exits_as_preempted_and_resumes_exactly(referenc
     assert_same_outcome(run_dir, reference_dir)
 
 
-def stop_during_a_slow_validation(reference, tmp_path, reviews, checkpoint_every: int) -> int:
-    """SIGTERM after the resume point at `checkpoint_every`, while a slow validation (3,000 rows)
-    runs; resumes to the end, checks the trained state is the reference's (validation does not
-    touch the weights) and returns the step the stop was saved at."""
-    manifest, reference_dir = reference
+def with_slow_validation(manifest: dict, tmp_path: Path, reviews, checkpoint_every: int) -> dict:
+    """The manifest with 3,000 validation rows (a validation long enough to be stopped in) and a
+    resume point every `checkpoint_every` steps."""
     manifest = copy.deepcopy(manifest)
     slow_validation = tmp_path / "validation.parquet"
     reviews[400:3400].to_parquet(slow_validation)
     manifest["spec"]["data"]["validation"] = str(slow_validation)
     manifest["spec"]["checkpoint"]["intervalSteps"] = checkpoint_every
+    return manifest
+
+
+def stop_during_a_slow_validation(reference, tmp_path, reviews, checkpoint_every: int) -> int:
+    """SIGTERM after the resume point at `checkpoint_every`, while a slow validation (3,000 rows)
+    runs; resumes to the end, checks the trained state is the reference's (validation does not
+    touch the weights) and returns the step the stop was saved at."""
+    manifest, reference_dir = reference
+    manifest = with_slow_validation(manifest, tmp_path, reviews, checkpoint_every)
     harness = Trainer(tmp_path)
     run_dir = tmp_path / "store" / "tests" / "exact"
     stop(harness, manifest, run_dir, preempt_after_step=checkpoint_every)
@@ -134,6 +141,27 @@ def test_a_stop_at_the_end_of_an_epoch_resumes_into_the_next_one(reference, tmp_
     """A resume point taken at an epoch's last validation made the resumed fit end there (half its
     training missing); the stop now lands on the first step of the next epoch (step 16 of 30)."""
     assert stop_during_a_slow_validation(reference, tmp_path, reviews, checkpoint_every=14) == 16
+
+
+def test_a_stop_in_the_last_step_stops_the_attempt_once_training_is_done(reference, tmp_path, reviews):
+    """SIGTERM after the last resume point (step 29 of 30), in the last step or the validation
+    after it: too late for a resume point (none is taken at an epoch's end), so the attempt stops
+    once training is done, before the dump, and the next attempt finishes without training again.
+    Such a stop was lost: the attempt went on to the end, past a pod's grace period on a big dump."""
+    manifest, reference_dir = reference
+    manifest = with_slow_validation(manifest, tmp_path, reviews, checkpoint_every=29)
+    harness = Trainer(tmp_path)
+    run_dir = tmp_path / "store" / "tests" / "exact"
+    attempt = harness.attempt(manifest, str(run_dir), preempt_after_step=29)
+    assert attempt.exit_code == PREEMPTED_EXIT_CODE, attempt.output[-3000:]
+    assert "stopped after training" in attempt.output
+    trained = read_status(run_dir)["attempts"][0]
+    assert (trained["toStep"], trained["outcome"]) == (30, "completed")
+    assert "is trained; finishing what is left" in finish(harness, manifest, run_dir)
+    status = read_status(run_dir)
+    assert status["finalState"] == read_status(reference_dir)["finalState"]
+    assert len(status["attempts"]) == 1, "trained again"
+    assert status["dumpedModel"]
 
 
 def test_truncated_newest_checkpoint_resumes_from_the_previous_one(reference, tmp_path):

@@ -3,7 +3,10 @@ written by a helper process at a lower CPU priority, to local disk and to the S3
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -17,8 +20,8 @@ import torch
 from kontinue.api.contract import InvalidInput
 from kontinue.storage import LocalStore, StorageError
 from kontinue.trainer.checkpoint_io import BackgroundWriter
-from kontinue.trainer.serializer import (MIN_HELPER_BYTES, MIN_HELPER_BYTES_ENV, NICENESS, SerializerProcess, Snapshot,
-                                         min_helper_bytes, write_checkpoint)
+from kontinue.trainer.serializer import (CANCEL, MIN_HELPER_BYTES, MIN_HELPER_BYTES_ENV, NICENESS, SerializerProcess,
+                                         Snapshot, WriteCancelled, min_helper_bytes, write_checkpoint)
 
 
 def a_state() -> dict:
@@ -215,3 +218,106 @@ def test_once_training_stopped_snapshots_are_written_at_the_trainers_priority(se
     assert final.serializer is None
     write_checkpoint(LocalStore(tmp_path), "final.ckpt", final)
     assert_same(torch.load(tmp_path / "final.ckpt", weights_only=True), a_state())
+
+
+class GatedStore(LocalStore):
+    """A local store whose object writes, in whichever process runs them, say they have begun
+    (`<key>.begun` beside the store) and then hold until the gate file exists."""
+
+    def __init__(self, root: pathlib.Path, gate: pathlib.Path):
+        super().__init__(root)
+        self.gate = gate
+
+    def begun(self, key: str) -> pathlib.Path:
+        return self.root.parent / f"{key}.begun"
+
+    @contextlib.contextmanager
+    def _open(self, key: str):
+        with super()._open(key) as sink:
+            yield _Held(sink, self.begun(key), self.gate)
+
+
+class _Held:
+    def __init__(self, sink, begun: pathlib.Path, gate: pathlib.Path):
+        self.sink, self.begun, self.gate = sink, begun, gate
+
+    def write(self, data: bytes) -> int:
+        if not self.begun.exists():
+            self.begun.touch()
+            wait_for(self.gate.exists, "the gate")
+        return self.sink.write(data)
+
+    def flush(self) -> None:
+        self.sink.flush()
+
+
+def wait_for(condition, what: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not come in {seconds} s"
+        time.sleep(0.01)
+
+
+def nothing_but(directory: pathlib.Path, *names: str) -> bool:
+    """Whether `directory` holds exactly these files (temporaries of a stopped write included)."""
+    return sorted(p.name for p in directory.iterdir()) == sorted(names)
+
+
+def test_a_stop_cancels_the_resume_point_the_helper_is_writing(serializer, tmp_path, caplog):
+    """The final resume point supersedes the one in flight: the helper stops that write before its
+    object is stored (nothing of it is left) instead of the stop waiting for it, and goes on."""
+    store = GatedStore(tmp_path / "store", tmp_path / "gate")
+    writer = BackgroundWriter(serializer)
+
+    def resume_point(key: str) -> None:
+        state = writer.snapshot(a_state())
+        writer.submit(lambda: write_checkpoint(store, key, state), f"resume point {key}", supersedable=True,
+                      cancel=state.cancel)
+
+    resume_point("step-1.ckpt")
+    wait_for(store.begun("step-1.ckpt").exists, "the helper's write")
+    with caplog.at_level(logging.INFO, "kontinue.trainer"):
+        writer.training_stopped()
+    (tmp_path / "gate").touch()
+    resume_point("step-2.ckpt")
+    writer.flush()  # the cancelled write is no failure
+
+    assert "resume point step-1.ckpt is cancelled: the final resume point supersedes it" in caplog.text
+    assert nothing_but(store.root, "step-2.ckpt", "step-2.ckpt.sha256")
+    assert_same(torch.load(store.root / "step-2.ckpt", weights_only=True), a_state())
+    after = LocalStore(tmp_path / "after")
+    write_checkpoint(after, "a.ckpt", Snapshot(a_state(), serializer))
+    after.verify("a.ckpt")
+
+
+def test_a_cancelled_write_in_the_trainers_thread_stores_nothing(tmp_path):
+    store = GatedStore(tmp_path / "store", tmp_path / "gate")
+    snapshot, failures = Snapshot(a_state()), []
+
+    def write() -> None:
+        try:
+            write_checkpoint(store, "a.ckpt", snapshot)
+        except BaseException as error:  # noqa: BLE001 -- looked at below
+            failures.append(error)
+
+    writing = threading.Thread(target=write)
+    writing.start()
+    wait_for(store.begun("a.ckpt").exists, "the write")
+    snapshot.cancel()
+    (tmp_path / "gate").touch()
+    writing.join(60)
+    assert len(failures) == 1 and isinstance(failures[0], WriteCancelled), failures
+    assert nothing_but(store.root)
+
+
+def test_a_write_done_before_its_cancel_stays_done(serializer, tmp_path):
+    """A cancel that reaches the helper after the write (it is sent while the write is in flight)
+    is ignored there: the next write is not the one it stops."""
+    store = LocalStore(tmp_path)
+    done = Snapshot(a_state(), serializer)
+    write_checkpoint(store, "a.ckpt", done)
+    done.cancel()
+    serializer._connection.send_bytes(CANCEL)  # as one sent just before the helper's reply arrived
+    write_checkpoint(store, "b.ckpt", Snapshot(a_state(), serializer))
+    store.verify("a.ckpt")
+    store.verify("b.ckpt")

@@ -16,7 +16,7 @@ from kontinue.api.contract import PREEMPTED_EXIT_CODE
 from kontinue.trainer.checkpoint_io import BackgroundWriter
 from kontinue.trainer.ownership import Superseded
 from kontinue.trainer.rundir import CANDIDATES_FIELD, now
-from kontinue.trainer.signals import STOP_REQUESTED
+from kontinue.trainer.signals import STOP_REQUESTED, keep_stop_for_last_steps
 
 if TYPE_CHECKING:
     from kontinue.trainer.rundir import RunDirectory
@@ -191,6 +191,8 @@ class ResumePoints(pl.Callback):
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers.clear()
+        if self.stop_requested:  # and the fit ended without acting on it, or is stopping anyway
+            keep_stop_for_last_steps()
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore_handlers()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.fabric.plugins import CheckpointIO
 
-from kontinue.trainer.serializer import SerializerProcess, Snapshot
+from kontinue.trainer.serializer import SerializerProcess, Snapshot, WriteCancelled
 
 if TYPE_CHECKING:
     from kontinue.trainer.rundir import RunDirectory
@@ -31,14 +31,16 @@ class _Job:
     write: Callable[[], None]
     what: str
     supersedable: bool
+    cancel: Callable[[], None] | None  # stops the write in progress (a resume point's)
 
 
 class BackgroundWriter:
     """One thread that runs writes in the order they were asked for, one at a time.
 
     A resume point still waiting when a newer one is asked for is dropped: only the newest state
-    matters, and at most two snapshots are held (the one being written, the one waiting). Other
-    writes (the best model) are never dropped. The first failure is kept and raised in the training
+    matters, and at most two snapshots are held (the one being written, the one waiting). Once
+    training stopped, the resume point being written is cancelled too: the final one supersedes it.
+    Other writes (the best model) are never dropped. The first failure is kept and raised in the training
     thread by `check` or `flush`; nothing is written after it.
     """
 
@@ -56,19 +58,25 @@ class BackgroundWriter:
         return Snapshot(value, None if self._stopping else self.serializer)
 
     def training_stopped(self) -> None:
-        """Snapshots taken from now on are written by this writer's thread, at the trainer's priority:
-        the helper's lower one only leaves training the CPU, and a stopping trainer's final resume
-        point should be durable as soon as possible."""
-        self._stopping = True
+        """Before the final resume point is taken: it should be durable as soon as possible. So the
+        resume point being written is cancelled (on a busy machine the helper's low priority would
+        hold the stop up), and snapshots taken from now on are written by this writer's thread at
+        the trainer's priority (the helper's lower one only leaves training the CPU)."""
+        with self._changed:
+            self._stopping = True
+            if self._busy is not None and self._busy.cancel is not None:
+                log.info("%s is cancelled: the final resume point supersedes it", self._busy.what)
+                self._busy.cancel()
 
-    def submit(self, write: Callable[[], None], what: str, *, supersedable: bool = False) -> None:
+    def submit(self, write: Callable[[], None], what: str, *, supersedable: bool = False,
+               cancel: Callable[[], None] | None = None) -> None:
         self.check()
         with self._changed:
             if supersedable:
                 for job in [job for job in self._jobs if job.supersedable]:
                     self._jobs.remove(job)
                     log.info("%s superseded by %s before it was written", job.what, what)
-            self._jobs.append(_Job(write, what, supersedable))
+            self._jobs.append(_Job(write, what, supersedable, cancel))
             self._changed.notify_all()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="kontinue-checkpoint-writer", daemon=True)
@@ -85,6 +93,8 @@ class BackgroundWriter:
                 job = self._busy = self._jobs.popleft()
             try:
                 job.write()
+            except WriteCancelled:
+                pass  # by training_stopped, which logged it
             except BaseException as error:  # noqa: BLE001 -- raised in the training thread
                 log.error("writing %s failed: %s: %s", job.what, type(error).__name__, error)
                 self._error = error
@@ -131,7 +141,7 @@ class ResumePointIO(CheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         state, key = self.writer.snapshot(checkpoint), str(path)
         self.writer.submit(lambda: self.run_dir.write_resume_point(state, key), f"resume point {key}",
-                           supersedable=True)
+                           supersedable=True, cancel=state.cancel)
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)

@@ -10,6 +10,10 @@ trainer's priority, then runs NICENESS below it: training keeps the CPU, the hel
 training leaves. It ignores SIGTERM and SIGINT (the trainer decides when to stop) and exits when the
 trainer's end of its socket closes or the trainer is gone. Snapshots under MIN_HELPER_BYTES, and
 those a stopping trainer takes, are written by the trainer's writer thread instead.
+
+A write in progress can be cancelled (`Snapshot.cancel`: a stopping trainer's final resume point
+supersedes the one being written): it stops at the next chunk torch.save hands over, before the
+object is stored, and raises `WriteCancelled`; a write already done stays done.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
@@ -40,6 +45,7 @@ log = logging.getLogger("kontinue.trainer")
 NICENESS = 10  # CFS weight 110 against training's 1024: about a tenth of a busy core
 ALIGN = 64  # every tensor starts at a multiple of this in the buffer
 READY = b"ready"  # what the helper says once it can take writes
+CANCEL = b"cancel"  # what the trainer says to stop the helper's write in progress
 # Smaller snapshots are written by the trainer's writer thread: they cost little CPU there, and at
 # the helper's lower priority they would only become durable later on a busy machine.
 MIN_HELPER_BYTES = 128 << 20
@@ -59,6 +65,29 @@ def min_helper_bytes() -> int:
     if size < 0:
         raise InvalidInput(MIN_HELPER_BYTES_ENV, f"must be a whole number of bytes (0 or more), not {value!r}")
     return size
+
+
+class WriteCancelled(Exception):
+    """A checkpoint write stopped before its object was stored: a newer one supersedes it."""
+
+
+class _Cancellable:
+    """The stream torch.save writes a checkpoint into, which refuses the next chunk once
+    `cancelled()` (the object is stored only after the last one). torch.save reports the refusal as
+    a RuntimeError of its own; `stopped` tells it apart from a failure."""
+
+    def __init__(self, out, cancelled: Callable[[], bool]):
+        self._out, self._cancelled = out, cancelled
+        self.stopped = False
+
+    def write(self, data: bytes) -> int:
+        if self.stopped or self._cancelled():
+            self.stopped = True
+            raise WriteCancelled("the write was cancelled")
+        return self._out.write(data)
+
+    def flush(self) -> None:
+        self._out.flush()
 
 
 @dataclass(frozen=True)
@@ -110,6 +139,7 @@ class Snapshot:
 
     def __init__(self, value: Any, serializer: SerializerProcess | None = None):
         self.serializer, self.fd = serializer, -1
+        self._cancelled = threading.Event()
         tensors: list[tuple[_TensorAt, torch.Tensor]] = []
         size = 0
 
@@ -142,11 +172,22 @@ class Snapshot:
 
     def write(self, store: Store, key: str) -> ObjectInfo:
         """Serialises the snapshot into `key` of `store` with its sha256: in the serializer's
-        process, or in this thread without one or while it starts."""
+        process, or in this thread without one or while it starts. Raises WriteCancelled once
+        `cancel` was called, unless the object was stored by then."""
         if (self.serializer is not None and self.size >= self.serializer.min_bytes
                 and (info := self.serializer.write(store, key, self)) is not None):
             return info
-        return _write(store, key, self.tree, self.fd, self.size)
+        return _write(store, key, self.tree, self.fd, self.size, self._cancelled.is_set)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        """Stops its write, wherever it runs, before the object is stored (safe from any thread)."""
+        self._cancelled.set()
+        if self.serializer is not None:
+            self.serializer.cancel(self)
 
     def close(self) -> None:
         """Frees the buffer (once the helper has let go of it too)."""
@@ -158,20 +199,27 @@ class Snapshot:
         self.close()
 
 
-def write_checkpoint(store: Store, key: str, checkpoint: Any) -> ObjectInfo:
+def write_checkpoint(store: Store, key: str, checkpoint: Any,
+                     cancelled: Callable[[], bool] | None = None) -> ObjectInfo:
     """`checkpoint` (a Snapshot, or a state of tensors and plain values) streamed from torch.save
-    into `key` of `store`, with its sha256."""
+    into `key` of `store`, with its sha256; stopped with WriteCancelled once `cancelled()`."""
     if isinstance(checkpoint, Snapshot):
         return checkpoint.write(store, key)
     with store.writer(key, checksum=True) as out:
-        torch.save(checkpoint, out)
+        stream = _Cancellable(out, cancelled or (lambda: False))
+        try:
+            torch.save(checkpoint, stream)
+        except Exception:
+            if stream.stopped:
+                raise WriteCancelled(f"{store.uri}/{key}: the write was cancelled") from None
+            raise
     return out.info
 
 
-def _write(store: Store, key: str, tree: Any, fd: int, size: int) -> ObjectInfo:
+def _write(store: Store, key: str, tree: Any, fd: int, size: int, cancelled: Callable[[], bool]) -> ObjectInfo:
     buffer = mmap.mmap(fd, size) if size else None
     state = _views(buffer, tree)
-    info = write_checkpoint(store, key, state)
+    info = write_checkpoint(store, key, state, cancelled)
     del state  # the views, before the mapping goes
     if buffer is not None:
         with contextlib.suppress(BufferError):  # a view still held: unmapped once it goes
@@ -197,7 +245,9 @@ class SerializerProcess:
         self._connection: Connection | None = None
         self._ready = False  # the helper has imported what it needs
         self._failed_to_start = False  # writes stay in the trainer's thread from then on
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one write at a time
+        self._sending = threading.Lock()  # a write's request and a cancel never interleave
+        self._in_flight: Snapshot | None = None  # the snapshot the helper is writing
 
     def start(self, *, wait: bool = False) -> None:
         """Starts the helper ahead of its first write (it takes seconds to import torch); with
@@ -246,23 +296,46 @@ class SerializerProcess:
         if it could not start, or is not ready after START_SECONDS: its caller writes it then."""
         with self._lock:
             self._running()
-            if not self._check_ready(timeout=START_SECONDS):
-                if not self._failed_to_start:
+            if not self._ready_for(snapshot):
+                if not self._failed_to_start and not snapshot.cancelled:
                     log.warning("the checkpoint serializer process is not ready after %d s; %s is written by the "
                                 "trainer's writer thread", START_SECONDS, key)
                 return None
             try:
-                self._connection.send_bytes(pickle.dumps((store, key, snapshot.tree, snapshot.size)))
-                if snapshot.size:
-                    send_handle(self._connection, snapshot.fd, self._process.pid)
+                with self._sending:
+                    self._connection.send_bytes(pickle.dumps((store, key, snapshot.tree, snapshot.size)))
+                    if snapshot.size:
+                        send_handle(self._connection, snapshot.fd, self._process.pid)
+                    self._in_flight = snapshot
+                if snapshot.cancelled:  # before it was in flight
+                    self.cancel(snapshot)
                 outcome, result = pickle.loads(self._connection.recv_bytes())
             except (EOFError, OSError) as error:
                 code = self._stop()
                 raise StorageError(f"{store.uri}/{key}: the checkpoint serializer process ended "
                                    f"(exit code {code}) before the write was done") from error
+            finally:
+                with self._sending:
+                    self._in_flight = None
         if outcome == "error":
             raise result
         return result
+
+    def _ready_for(self, snapshot: Snapshot) -> bool:
+        """Waits up to START_SECONDS for a starting helper, less if the snapshot's write is cancelled."""
+        deadline = time.monotonic() + START_SECONDS
+        while not self._check_ready(timeout=min(0.1, max(0.0, deadline - time.monotonic()))):
+            if self._failed_to_start or snapshot.cancelled or time.monotonic() >= deadline:
+                return False
+        return True
+
+    def cancel(self, snapshot: Snapshot) -> None:
+        """Tells the helper to stop writing `snapshot`, if it is; a cancel that comes after the write
+        was done is ignored there."""
+        with self._sending:
+            if self._in_flight is snapshot and self._connection is not None:
+                with contextlib.suppress(OSError):  # the helper is gone: its write fails anyway
+                    self._connection.send_bytes(CANCEL)
 
     def _stop(self) -> int | None:
         """Closes the helper's socket, which ends it; returns its exit code."""
@@ -317,14 +390,20 @@ def serve(channel_fd: int, parent: int) -> None:
         connection.send_bytes(READY)
     except OSError:  # the trainer ended before this helper had started
         return
+    def cancelled() -> bool:  # the trainer sends nothing else while it waits for a write
+        return connection.poll() and connection.recv_bytes() == CANCEL
+
     while True:
         try:
-            store, key, tree, size = pickle.loads(connection.recv_bytes())
+            message = connection.recv_bytes()
         except (EOFError, OSError):  # the trainer closed its end, or is gone
             return
+        if message == CANCEL:  # for a write that was done before it came
+            continue
+        store, key, tree, size = pickle.loads(message)
         fd = recv_handle(connection) if size else -1
         try:
-            reply = pickle.dumps(("ok", _write(store, key, tree, fd, size)))
+            reply = pickle.dumps(("ok", _write(store, key, tree, fd, size, cancelled)))
         except Exception as error:  # noqa: BLE001 -- raised again in the trainer
             try:
                 reply = pickle.dumps(("error", error))
@@ -333,4 +412,7 @@ def serve(channel_fd: int, parent: int) -> None:
         finally:
             if fd >= 0:
                 os.close(fd)
-        connection.send_bytes(reply)
+        try:
+            connection.send_bytes(reply)
+        except OSError:  # the trainer is gone
+            return

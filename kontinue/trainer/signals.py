@@ -11,8 +11,21 @@ import threading
 STOP_REQUESTED = threading.Event()
 
 
+_deferring = False
+
+
 def defer_stop_signals() -> None:
     """For `kontinue train` and `run`: a SIGTERM or SIGINT outside the training loop is kept rather
     than fatal, and the attempt stops at the next safe point with the "preempted" exit code."""
+    global _deferring
+    _deferring = True
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: STOP_REQUESTED.set())
+
+
+def keep_stop_for_last_steps() -> None:
+    """A stop that came during training too late for a resume point (in its last step) stops the
+    attempt before the run's last steps instead, where stop signals are deferred; a Python
+    caller's fit has simply ended."""
+    if _deferring:
+        STOP_REQUESTED.set()
