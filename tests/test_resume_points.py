@@ -298,7 +298,9 @@ def _newest_step(run_dir: Path) -> int:
         return -1
 
 
-def test_sigterm_with_a_save_in_flight_waits_for_it_and_resumes_exactly(reference, tmp_path):  # noqa: F811
+def test_sigterm_with_a_save_in_flight_supersedes_it_and_resumes_exactly(reference, tmp_path):  # noqa: F811
+    """A resume point each step: the SIGTERM comes while one is written (cancelled: the final point
+    supersedes it) or waits (dropped), and the stop is still durable, recorded and exact."""
     manifest, reference_dir = reference
     manifest = every_step(manifest)
     harness, run_dir = Trainer(tmp_path), tmp_path / "store" / "tests" / "exact"
@@ -311,8 +313,8 @@ def test_sigterm_with_a_save_in_flight_waits_for_it_and_resumes_exactly(referenc
         outputs.append(attempt.output)
         status = read_status(run_dir)
         assert status["lastCheckpoint"]["step"] == resume_points(run_dir)[0]["step"] == status["attempts"][-1]["toStep"]
-    assert any("superseded by" in output or "waiting for" in output for output in outputs), \
-        "no save was in flight when a stop came: the test did not test that"
+    assert any("is cancelled: the final resume point supersedes it" in output or "superseded by" in output
+               for output in outputs), "no save was in flight when a stop came: the test did not test that"
     finish(harness, manifest, run_dir)
     assert_same_outcome(run_dir, reference_dir)
 
