@@ -9,8 +9,9 @@ run:
 
 1. SIGTERM -> durable checkpoint. With `checkpoint.intervalSteps` small (2 by default), the trainer
    gets SIGTERM right after a step at which a resume point was taken, so that point is still being
-   written in the background when the signal arrives. The trainer finishes the step it is in, takes
-   the final resume point, waits for both writes and exits 75. Measured from the signal to: the end
+   written in the background when the signal arrives. The trainer finishes the step it is in,
+   cancels that write if it is still serialising (the final point supersedes it), takes the final
+   resume point, waits for the writes and exits 75. Measured from the signal to: the end
    of the step it landed in, the moment `last.json` in the run directory names the final point
    (the store is polled every --poll seconds from this process), and the moment the process has
    exited (exit code 75). Also the checkpoint's size.
@@ -70,6 +71,7 @@ POINTER = "last.json"
 GRACE_SECONDS = 120  # the operator's default grace period for a trainer pod (kontinue/operator/reconcile.py)
 LOCAL, S3 = "local disk", "s3 nice"  # where the run directory is; S3: moto's server at that niceness
 HELPER_WROTE = "serialised by helper process"  # the trainer's log line once its helper process takes writes
+CANCELLED = "is cancelled: the final resume point supersedes it"  # a stop cancelled the write in flight
 # Who serialises the checkpoints: the helper process (the default for MiniLM's 271.5 MB points, once
 # it has started) or the trainer's writer thread (every checkpoint below the size limit).
 WRITERS = {"helper": {}, "thread": {MIN_HELPER_BYTES_ENV: str(1 << 62)}}
@@ -191,6 +193,10 @@ class Attempt:
     @property
     def helper_wrote(self) -> bool:
         return any(HELPER_WROTE in line for line in self.log)
+
+    @property
+    def cancelled_a_write(self) -> bool:
+        return any(CANCELLED in line for line in self.log)
 
     @property
     def first_step(self) -> int | None:
@@ -388,6 +394,8 @@ def run_series(args, where: str, writer: str, storage: str, data: dict[str, str]
 
 def describe_attempt(attempt: Attempt) -> str:
     parts = [f"exit {attempt.exit_code}", "the helper process wrote" if attempt.helper_wrote else "the thread wrote"]
+    if attempt.cancelled_a_write:
+        parts.append("the write in flight at the stop was cancelled")
     if attempt.first_step is not None:
         parts.append(f"first step {attempt.first_step} at +{attempt.steps[attempt.first_step] - attempt.launched:.1f} s")
     if attempt.signalled is not None:
@@ -490,6 +498,8 @@ def print_report(series: list[Series], interval_steps: int) -> None:
         ("  exit codes (75 expected)", lambda e: ", ".join(str(a.exit_code) for a in e.attempts)),
         ("  attempts whose helper process wrote", lambda e: f"{sum(a.helper_wrote for a in e.attempts)} of "
                                                             f"{len(e.attempts)}"),
+        ("  attempts whose stop cancelled a write", lambda e: f"{sum(a.cancelled_a_write for a in e.attempts)} of "
+                                                              f"{len(e.attempts)}"),
         ("launch -> train start, fresh", lambda e: _fmt(median(e, train_start, "fresh"))),
         ("launch -> train start, resumed", lambda e: _fmt(median(e, train_start, "resumed"))),
         ("  ratio resumed / fresh", lambda e: ratio(e, train_start)),

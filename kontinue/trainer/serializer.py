@@ -390,6 +390,7 @@ def serve(channel_fd: int, parent: int) -> None:
         connection.send_bytes(READY)
     except OSError:  # the trainer ended before this helper had started
         return
+
     def cancelled() -> bool:  # the trainer sends nothing else while it waits for a write
         return connection.poll() and connection.recv_bytes() == CANCEL
 
