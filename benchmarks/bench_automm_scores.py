@@ -21,14 +21,17 @@ pretrained can be downloaded here; the parent writes them as a dump folder that 
 --image-test-rows) by this script: accuracy of `predict` and ROC AUC of `predict_proba`. Both: batch 32 without gradient accumulation, the CPU, the same data-loader workers
 and torch threads. Everything else is each framework's default (learning rates and their layer-wise
 decay, schedule, validations per epoch, top-3 checkpoint averaging, eval metric, image size and
-transforms), except AutoMM's text augmentation, which is off by default and would call
-`nltk.download()` when on.
+transforms), except AutoMM's text augmentation, which is on by default
+(`model.hf_text.text_trivial_aug_maxscale` 0.1) but calls `nltk.download()` (no network here), so
+it is turned off; kontinue has none.
 
 Seeds: every fit of a repeat gets the seed (--seeds, default 0 1 2); the data are the same in every
 repeat. Runs alternate: kontinue seed 0, AutoMM seed 0, kontinue seed 1, ... each in a fresh process.
 The report gives each score per seed, the mean and standard deviation across seeds, and per use case
 whether kontinue is at least AutoMM's within the spread (mean difference >= -(the larger of the two
-standard deviations)).
+standard deviations)), and the difference in standard errors of the difference of the means
+(Welch): within about two, the seeds cannot tell the frameworks apart. `--use-cases fit` runs the
+first fit alone (cheap enough for many seeds); the other use cases start from it.
 
 First, the layer ids behind layer-wise learning-rate decay: kontinue's for MiniLM and five timm
 architectures against AutoMM's own `assign_layer_ids` on the same parameter names.
@@ -37,7 +40,8 @@ AutoMM runs in the virtual environment bench_automm.py builds and reuses (--venv
 
     python benchmarks/bench_automm_scores.py [--modalities text image] [--rows N] [--tuning-rows N]
         [--test-rows N] [--epochs N] [--image-rows N] [--image-tuning-rows N] [--image-test-rows N]
-        [--image-epochs N] [--seeds S ...] [--workers N] [--threads N] [--no-build]
+        [--image-epochs N] [--seeds S ...] [--use-cases fit continue new_task] [--workers N] [--threads N]
+        [--no-build]
 """
 
 from __future__ import annotations
@@ -160,12 +164,15 @@ def child_main(framework: str, spec_file: str, result_file: str) -> int:
         here = work / modality
         timed(modality, "fit", lambda: runner.fit(modality, here / "fit", table["train_a"], table["tuning"],
                                                   spec["models"][modality], seed), "test")
-        dump = here / "dump"
-        runner.cls.load(str(here / "fit")).dump_model(save_path=str(dump))
-        timed(modality, "new_task", lambda: runner.fit(modality, here / "new", table["new_train"], table["new_tuning"],
-                                                       str(dump / FAMILY[modality]), seed), "new_test")
-        timed(modality, "continue", lambda: runner.fit_more(modality, here / "fit", table["train_b"], table["tuning"],
-                                                            seed), "test")
+        if "new_task" in spec["use_cases"]:
+            dump = here / "dump"
+            runner.cls.load(str(here / "fit")).dump_model(save_path=str(dump))
+            timed(modality, "new_task", lambda: runner.fit(modality, here / "new", table["new_train"],
+                                                           table["new_tuning"], str(dump / FAMILY[modality]), seed),
+                  "new_test")
+        if "continue" in spec["use_cases"]:
+            timed(modality, "continue", lambda: runner.fit_more(modality, here / "fit", table["train_b"],
+                                                                table["tuning"], seed), "test")
     Path(result_file).write_text(json.dumps(result))
     return 0
 
@@ -320,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=64, help="the input size of the starting resnet18 dump")
     parser.add_argument("--modalities", nargs="+", choices=list(MODALITIES), default=list(MODALITIES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--use-cases", nargs="+", choices=list(USE_CASES), default=list(USE_CASES),
+                        help="which use cases to run (the fit always runs: the others start from it)")
     parser.add_argument("--workers", type=int, default=2, help="data-loader workers (AutoMM's default is 2)")
     parser.add_argument("--threads", type=int, default=cores, help="torch threads in each fit (default: the cores)")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="where AutoMM's venv is built and reused")
@@ -361,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row[0]}: {row[1]}", flush=True)
         for seed in args.seeds:
             for framework in ("kontinue", "automm"):
-                spec = {"models": models, "modalities": args.modalities, "workers": args.workers,
+                spec = {"models": models, "modalities": args.modalities, "use_cases": args.use_cases,
+                        "workers": args.workers,
                         "epochs": {"text": args.epochs, "image": args.image_epochs}, "threads": args.threads,
                         "seed": seed, "tables": tables, "root": str(Path(__file__).resolve().parents[1])}
                 results[framework][seed] = run_child(pythons[framework], framework, spec, workdir)
@@ -372,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[tuple[str, str]] = []
     verdicts = []
-    for modality, case in ((m, c) for m in args.modalities for c in USE_CASES):
+    cases = [case for case in USE_CASES if case == "fit" or case in args.use_cases]
+    for modality, case in ((m, c) for m in args.modalities for c in cases):
         rows.append((f"{USE_CASES[case]}: {MODALITIES[modality]}", ""))
         for metric in ("accuracy", "roc_auc"):
             values = {fw: [results[fw][seed][modality][case][metric] for seed in args.seeds] for fw in results}
@@ -383,7 +394,11 @@ def main(argv: list[str] | None = None) -> int:
             tolerance = max(spread(values["kontinue"]), spread(values["automm"]))
             verdict = "at least AutoMM's within the spread" if difference >= -tolerance else "BELOW AutoMM's"
             verdicts.append(difference >= -tolerance)
-            rows.append((f"  {metric} kontinue - AutoMM", f"{difference:+.3f} (spread {tolerance:.3f}): {verdict}"))
+            # How far the means are apart in standard errors of their difference (Welch): within about
+            # two, the seeds cannot tell the frameworks apart.
+            error = (sum(spread(series) ** 2 / len(series) for series in values.values())) ** 0.5
+            rows.append((f"  {metric} kontinue - AutoMM", f"{difference:+.3f} (spread {tolerance:.3f}): {verdict}; "
+                         + (f"{difference / error:+.1f} standard errors" if error else "one seed")))
     print()
     print_table(rows)
     print(f"\n{sum(verdicts)} of {len(verdicts)} scores at least AutoMM's within the spread; "

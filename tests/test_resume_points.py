@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
 import shutil
 import signal
@@ -298,25 +299,67 @@ def _newest_step(run_dir: Path) -> int:
         return -1
 
 
-def test_sigterm_with_a_save_in_flight_supersedes_it_and_resumes_exactly(reference, tmp_path):  # noqa: F811
-    """A resume point each step: the SIGTERM comes while one is written (cancelled: the final point
-    supersedes it) or waits (dropped), and the stop is still durable, recorded and exact."""
-    manifest, reference_dir = reference
+def _await(condition, process, what: str, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert process.popen.poll() is None, f"the trainer ended before {what}: {process.output()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {what} in {seconds} s: {process.output()[-3000:]}"
+        time.sleep(0.02)
+
+
+def _helper_of(process) -> int | None:
+    """The pid of the trainer's checkpoint serializer process, once it exists."""
+    trainer = process.popen.pid
+    for task in Path(f"/proc/{trainer}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:  # a thread that has ended
+            continue
+        for child in children:
+            try:
+                if b"kontinue.trainer.serializer" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    return int(child)
+            except OSError:  # a child that has ended
+                continue
+    return None
+
+
+def test_sigterm_with_a_save_in_flight_cancels_it_and_resumes_exactly(long_reference, tmp_path):
+    """Every checkpoint through the helper process, a resume point each step, and the helper held
+    (SIGSTOP) while newer points queue: in the first attempt before it is ready (the first point
+    waits for it), in the others as it takes its first write. Then SIGTERM: the point being written
+    or waited for is cancelled (the helper, continued, stops before the object is stored), the
+    waiting ones are dropped, the final point is written by the trainer's thread, and every stop
+    is durable, recorded and exact."""
+    manifest, reference_dir = long_reference
     manifest = every_step(manifest)
-    harness, run_dir = Trainer(tmp_path), tmp_path / "store" / "tests" / "exact"
-    rng = random.Random()
-    outputs = []
-    for stopped_at in (0, 0, 0):
-        stopped_at = _newest_step(run_dir)
-        attempt = harness.attempt(manifest, str(run_dir), preempt_after_step=stopped_at + rng.randint(2, 5))
-        assert attempt.exit_code == PREEMPTED_EXIT_CODE, attempt.output[-3000:]
-        outputs.append(attempt.output)
+    harness, run_dir = Trainer(tmp_path, {MIN_HELPER_BYTES_ENV: "0"}), tmp_path / "store" / "tests" / "exact"
+    cancelled = []
+    for attempt in range(3):
+        process = harness.start(manifest, str(run_dir))
+        _await(lambda: _helper_of(process), process, "helper process")
+        if attempt:
+            _await(lambda: HELPER_READY in process.output(), process, "ready helper")
+        helper = _helper_of(process)
+        os.kill(helper, signal.SIGSTOP)
+        try:
+            queued = process.output().count("superseded by")
+            _await(lambda: process.output().count("superseded by") > queued, process, "resume point waiting")
+            before_stop = len(process.output())
+            process.popen.send_signal(signal.SIGTERM)
+            _await(lambda: "waiting for" in process.output()[before_stop:], process, "stop")
+        finally:
+            os.kill(helper, signal.SIGCONT)
+        assert process.popen.wait(timeout=120) == PREEMPTED_EXIT_CODE, process.output()[-3000:]
+        cancelled.append("is cancelled: the final resume point supersedes it" in process.output()[before_stop:])
         status = read_status(run_dir)
         assert status["lastCheckpoint"]["step"] == resume_points(run_dir)[0]["step"] == status["attempts"][-1]["toStep"]
-    assert any("is cancelled: the final resume point supersedes it" in output or "superseded by" in output
-               for output in outputs), "no save was in flight when a stop came: the test did not test that"
+        assert not list(run_dir.glob("checkpoints/.*.tmp")), "a cancelled write left its temporary file"
+    assert cancelled[0], "the resume point waiting for the helper was not cancelled"
+    assert any(cancelled[1:]), "no stop found the helper writing a resume point (each a candidate): not tested"
     finish(harness, manifest, run_dir)
     assert_same_outcome(run_dir, reference_dir)
+    assert has_no_resume_points(run_dir)
 
 
 @pytest.fixture(scope="module")
