@@ -29,6 +29,7 @@ from kontinue.trainer.rundir import EMPTY, POINTER, RESUMABLE, RunDirectory, ope
 from kontinue.trainer.serializer import MIN_HELPER_BYTES_ENV
 from tests.test_resume import assert_same_outcome, finish, read_status, reference, stop  # noqa: F401
 from kontinue.api.contract import PREEMPTED_EXIT_CODE
+from tests.kube_fixtures import wait_for
 from tests.trainer_fixtures import Trainer, has_no_resume_points, resume_points, signal_when, training_run
 
 HELPER_READY = "serialised by helper process"  # what the trainer logs once its helper takes writes
@@ -299,12 +300,8 @@ def _newest_step(run_dir: Path) -> int:
         return -1
 
 
-def _await(condition, process, what: str, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert process.popen.poll() is None, f"the trainer ended before {what}: {process.output()[-3000:]}"
-        assert time.monotonic() < deadline, f"no {what} in {seconds} s: {process.output()[-3000:]}"
-        time.sleep(0.02)
+def _await(condition, process, what: str) -> None:
+    wait_for(condition, 120, what, interval=0.02, dump=lambda: process.output()[-3000:])
 
 
 def _helper_of(process) -> int | None:

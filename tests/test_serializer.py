@@ -22,6 +22,7 @@ from kontinue.storage import LocalStore, StorageError
 from kontinue.trainer.checkpoint_io import BackgroundWriter
 from kontinue.trainer.serializer import (CANCEL, MIN_HELPER_BYTES, MIN_HELPER_BYTES_ENV, NICENESS, SerializerProcess,
                                          Snapshot, WriteCancelled, min_helper_bytes, write_checkpoint)
+from tests.kube_fixtures import wait_for
 
 
 def a_state() -> dict:
@@ -244,18 +245,11 @@ class _Held:
     def write(self, data: bytes) -> int:
         if not self.begun.exists():
             self.begun.touch()
-            wait_for(self.gate.exists, "the gate")
+            wait_for(self.gate.exists, 60, "the gate", interval=0.01)
         return self.sink.write(data)
 
     def flush(self) -> None:
         self.sink.flush()
-
-
-def wait_for(condition, what: str, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} did not come in {seconds} s"
-        time.sleep(0.01)
 
 
 def nothing_but(directory: pathlib.Path, *names: str) -> bool:
@@ -275,7 +269,7 @@ def test_a_stop_cancels_the_resume_point_the_helper_is_writing(serializer, tmp_p
                       cancel=state.cancel)
 
     resume_point("step-1.ckpt")
-    wait_for(store.begun("step-1.ckpt").exists, "the helper's write")
+    wait_for(store.begun("step-1.ckpt").exists, 60, "the helper's write", interval=0.01)
     with caplog.at_level(logging.INFO, "kontinue.trainer"):
         writer.training_stopped()
     (tmp_path / "gate").touch()
@@ -302,7 +296,7 @@ def test_a_cancelled_write_in_the_trainers_thread_stores_nothing(tmp_path):
 
     writing = threading.Thread(target=write)
     writing.start()
-    wait_for(store.begun("a.ckpt").exists, "the write")
+    wait_for(store.begun("a.ckpt").exists, 60, "the write", interval=0.01)
     snapshot.cancel()
     (tmp_path / "gate").touch()
     writing.join(60)
