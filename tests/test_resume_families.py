@@ -51,7 +51,8 @@ def manifest(family: str, store: Path, tiny_bert: str, review_tables: dict, digi
         run = training_run("detection", str(store), shape_files, tiny_bert, hyperparameters=hp)
         run["spec"]["task"] = {"problemType": "object_detection"}
         run["spec"]["model"] = {"mmdetImage": {"checkpoint": "retinanet_r18_fpn_1x_coco", "imageSize": 64}}
-        run["spec"]["checkpoint"]["intervalSteps"] = 2  # 12 steps in all: room for two random stops
+        run["spec"]["hyperparameters"]["optim.max_epochs"] = 3  # 18 steps: room for two random stops
+        run["spec"]["checkpoint"]["intervalSteps"] = 2
         return run
     if family == "timm_image":
         run["spec"]["model"] = {"timmImage": timm}
@@ -78,15 +79,20 @@ def test_sigterm_at_random_steps_with_augmentation_and_workers_ends_bit_identica
 
     harness, run_dir = Trainer(tmp_path), tmp_path / "store" / "tests" / name
     seed = random.randrange(1 << 30)
-    rng, stopped_at = random.Random(seed), 0
+    rng, stops = random.Random(seed), [0]
     for _ in range(2):
-        # A SIGTERM goes out once a resume point at or past this step is recorded, a few steps
-        # after it is taken; the stop must still land before the end of training.
-        stop_after = max(stopped_at + 1, min(stopped_at + rng.randint(1, total // 4), 2 * total // 3))
+        # A SIGTERM goes out once a resume point at or past this step is recorded: seconds after it
+        # is taken (its write), several steps on this small a run. The second stop can so land in
+        # the last step, where the attempt stops after training instead (exit 75, no resume point).
+        stop_after = max(stops[-1] + 1, min(stops[-1] + rng.randint(1, total // 4), total // 2))
         attempt = harness.attempt(run, str(run_dir), preempt_after_step=stop_after)
         assert attempt.exit_code == PREEMPTED_EXIT_CODE, f"seed {seed}:\n{attempt.output[-3000:]}"
-        stopped_at = read_status(run_dir)["lastCheckpoint"]["step"]
-        assert stopped_at < total, f"seed {seed}: the run finished before it could be preempted"
+        if "lastCheckpoint" not in read_status(run_dir):
+            assert len(stops) > 1 and "stopped after training" in attempt.output, f"seed {seed}:\n{attempt.output[-3000:]}"
+            break
+        stops.append(read_status(run_dir)["lastCheckpoint"]["step"])
+        assert stops[-1] < total, f"seed {seed}: the run finished before it could be preempted"
     finish(harness, run, run_dir)
     status = assert_same_outcome(run_dir, reference_dir)
-    assert [a["outcome"] for a in status["attempts"]] == ["preempted", "preempted", "completed"], f"seed {seed}"
+    outcomes = ["preempted"] * (len(stops) - 1) + ["completed"]
+    assert [a["outcome"] for a in status["attempts"]] == outcomes, f"seed {seed}, stopped at {stops[1:]}"

@@ -142,14 +142,15 @@ class _DDP(DDPStrategy):
 
 
 class _SignalNotes(_SignalConnector):
-    """Lightning's SIGTERM handler, live from the end of set-up until ResumePoints installs its own,
-    forwards the signal to the other ranks and broadcasts from inside the handler: a collective
-    entered by rank 0 alone, wherever it was interrupted, which the other ranks meet in another
-    collective (a hang, or a wrong result). Here it only notes the signal; ResumePoints takes it over
-    and shares the stop at a resume point, as for a signal during training."""
+    """Lightning's SIGTERM handler, live from the end of set-up until ResumePoints installs its own
+    (and again from the end of training until the fit returns), forwards the signal to the other
+    ranks and broadcasts from inside the handler: a collective entered by rank 0 alone, wherever it
+    was interrupted, which the other ranks meet in another collective (a hang, or a wrong result).
+    Here it only notes the signal; ResumePoints takes it over and shares the stop at a resume point,
+    as for a signal during training (after training, the attempt stops before its last steps)."""
 
     def _sigterm_notifier_fn(self, signum, frame) -> None:
-        log.info("SIGTERM during set-up: stopping at the first resume point")
+        log.info("SIGTERM outside the training loop: the attempt stops at its next safe point")
         self.received_sigterm = True
 
 
