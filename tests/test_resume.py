@@ -67,7 +67,9 @@ def test_preempted_three_times_ends_bit_identical_and_recomputes_nothing(referen
     rng = random.Random(seed)
     stopped_at = 0
     for _ in range(3):
-        attempt = harness.attempt(manifest, str(run_dir), preempt_after_step=stopped_at + rng.randint(1, 6))
+        # Targets within the first two thirds: a stop lands a step or two after its target.
+        stop_after = max(stopped_at + 1, min(stopped_at + rng.randint(1, 6), 2 * total // 3))
+        attempt = harness.attempt(manifest, str(run_dir), preempt_after_step=stop_after)
         assert attempt.exit_code == PREEMPTED_EXIT_CODE, f"seed {seed}:\n{attempt.output[-3000:]}"
         stopped_at = read_status(run_dir)["lastCheckpoint"]["step"]
         assert stopped_at < total, f"seed {seed}: the run finished before it could be preempted"
