@@ -38,15 +38,23 @@ architectures against AutoMM's own `assign_layer_ids` on the same parameter name
 
 AutoMM runs in the virtual environment bench_automm.py builds and reuses (--venv).
 
+Ten seeds of every use case take hours on a small machine. With --results FILE, each framework's
+fits of a seed are kept in FILE as they finish, and a later run with the same settings and the same
+kontinue trainer code (a digest of its source) takes them from there instead of fitting again: a run
+cut short (a session's end) goes on where it stopped, and prints its report over every seed. Both
+frameworks are deterministic here (the same seed gives the same scores to the last digit), so a fit
+kept from an earlier process is the fit this one would make. A FILE of other settings is refused.
+
     python benchmarks/bench_automm_scores.py [--modalities text image] [--rows N] [--tuning-rows N]
         [--test-rows N] [--epochs N] [--image-rows N] [--image-tuning-rows N] [--image-test-rows N]
         [--image-epochs N] [--seeds S ...] [--use-cases fit continue new_task] [--workers N] [--threads N]
-        [--no-build]
+        [--no-build] [--results FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -304,6 +312,40 @@ def run_child(python: Path, framework: str, spec: dict[str, Any], workdir: Path)
     return json.loads(result_file.read_text())
 
 
+def trainer_digest(root: Path) -> str:
+    """A digest of the kontinue code a fit runs (trainer, api, storage): kept fits of other code are not reused."""
+    digest = hashlib.sha256()
+    for path in sorted(p for part in ("trainer", "api", "storage") for p in (root / "kontinue" / part).rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class KeptFits:
+    """The fits of a --results file: {"settings": ..., "fits": {framework: {seed: result}}}, written
+    (atomically) after each one."""
+
+    def __init__(self, path: Path | None, settings: dict[str, Any]):
+        self.path, self.settings, self.fits = path, settings, {"kontinue": {}, "automm": {}}
+        if path is not None and path.exists():
+            kept = json.loads(path.read_text())
+            differ = sorted(key for key in {**settings, **kept["settings"]}
+                            if settings.get(key) != kept["settings"].get(key))
+            if differ:
+                raise SystemExit(f"--results {path} holds fits of other settings ({', '.join(differ)} differ); "
+                                 "name another file, or remove it to fit again")
+            self.fits = kept["fits"]
+
+    def get(self, framework: str, seed: int) -> dict[str, Any] | None:
+        return self.fits[framework].get(str(seed))
+
+    def keep(self, framework: str, seed: int, result: dict[str, Any]) -> None:
+        self.fits[framework][str(seed)] = result
+        if self.path is not None:
+            scratch = self.path.with_name(self.path.name + ".partial")
+            scratch.write_text(json.dumps({"settings": self.settings, "fits": self.fits}, indent=1, sort_keys=True))
+            scratch.replace(self.path)
+
+
 def spread(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -333,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=cores, help="torch threads in each fit (default: the cores)")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="where AutoMM's venv is built and reused")
     parser.add_argument("--no-build", action="store_true", help="fail if AutoMM's venv is missing, never build it")
+    parser.add_argument("--results", type=Path, help="keep each fit here, and take those of an earlier run "
+                        "with the same settings and trainer code from here")
     args = parser.parse_args(argv)
     if min(args.rows, args.tuning_rows, args.test_rows, args.epochs, args.image_rows, args.image_tuning_rows,
            args.image_test_rows, args.image_epochs, args.image_size, args.threads) < 1 or args.workers < 0:
@@ -359,6 +403,13 @@ def main(argv: list[str] | None = None) -> int:
           f"each framework's defaults otherwise", flush=True)
     pythons = {"kontinue": Path(sys.executable), "automm": venv_python(venv)}
     results: dict[str, dict[int, dict[str, Any]]] = {"kontinue": {}, "automm": {}}
+    root = Path(__file__).resolve().parents[1]
+    settings = {key: value for key, value in vars(args).items() if key not in ("seeds", "venv", "no_build", "results")}
+    kept = KeptFits(args.results, {**settings, "model": Path(model).name, "automm": AUTOMM_VERSION,
+                                   "trainer_digest": trainer_digest(root)})
+    if args.results is not None:
+        print(f"fits kept in {args.results} (trainer code {kept.settings['trainer_digest']}); "
+              f"seeds there already: {sorted(int(s) for s in kept.fits['kontinue'] if s in kept.fits['automm'])}")
     with tempfile.TemporaryDirectory(prefix="kontinue-bench-scores-") as scratch:
         workdir = Path(scratch)
         tables = write_tables(args, workdir)
@@ -370,15 +421,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row[0]}: {row[1]}", flush=True)
         for seed in args.seeds:
             for framework in ("kontinue", "automm"):
-                spec = {"models": models, "modalities": args.modalities, "use_cases": args.use_cases,
-                        "workers": args.workers,
-                        "epochs": {"text": args.epochs, "image": args.image_epochs}, "threads": args.threads,
-                        "seed": seed, "tables": tables, "root": str(Path(__file__).resolve().parents[1])}
-                results[framework][seed] = run_child(pythons[framework], framework, spec, workdir)
+                kept_result = kept.get(framework, seed)
+                if kept_result is None:
+                    spec = {"models": models, "modalities": args.modalities, "use_cases": args.use_cases,
+                            "workers": args.workers,
+                            "epochs": {"text": args.epochs, "image": args.image_epochs}, "threads": args.threads,
+                            "seed": seed, "tables": tables, "root": str(root)}
+                    kept.keep(framework, seed, {**run_child(pythons[framework], framework, spec, workdir),
+                                                "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+                results[framework][seed] = {m: cases for m, cases in kept.get(framework, seed).items() if m in MODALITIES}
+                where = "" if kept_result is None else f"  [kept in --results, fitted {kept_result['finished']}]"
                 for modality, cases in results[framework][seed].items():
                     print(f"  seed {seed} {FRAMEWORKS[framework]:<18} {modality:<5} " + "   ".join(
                         f"{case} acc {r['accuracy']:.3f} auc {r['roc_auc']:.3f} ({r['seconds']:.0f} s)"
-                        for case, r in cases.items()), flush=True)
+                        for case, r in cases.items()) + where, flush=True)
 
     rows: list[tuple[str, str]] = []
     verdicts = []
