@@ -273,6 +273,23 @@ def test_streamed_write_appears_whole_with_its_sha256_in_parallel_parts(store):
     assert store.get_bytes("empty") == b""
 
 
+def test_the_upload_pipe_hands_minio_a_whole_part_per_read():
+    """minio assembles each part by appending what read() returns: one read per part keeps it to
+    one copy (pieces of a slice each made it copy every part several times over)."""
+    import threading
+
+    from kontinue.storage.s3 import PIPE_SLICE, _Pipe
+
+    pipe, data = _Pipe(), os.urandom(2 * PIPE_SLICE + 5)
+    writer = threading.Thread(target=lambda: (pipe.write(data[:7]), pipe.write(data[7:]), pipe.close()))
+    writer.start()
+    part = PIPE_SLICE + PIPE_SLICE // 2
+    first, rest = pipe.read(part), pipe.read(part)
+    assert (len(first), len(rest)) == (part, len(data) - part)
+    assert first + rest == data and pipe.read(part) == b""
+    writer.join()
+
+
 def test_streamed_write_that_fails_leaves_nothing(store):
     """The serializer fails after two parts went out: the old object stays, no new one appears."""
     if isinstance(store, S3Store):

@@ -84,17 +84,25 @@ class _Pipe:
 
     # -- the uploader's side
     def read(self, size: int = -1) -> bytes:
-        while not self._current and not self._done:
-            item = self._queue.get()
-            if item is self._ABORT:
-                raise OSError("the writer failed; the upload is abandoned")
-            if item is self._EOF:
-                self._done = True
-            else:
+        """`size` bytes (fewer only at the end), in one piece: minio appends what each read
+        returns to the part it assembles, so one read per part spares it copying the part again."""
+        pieces: list[memoryview] = []
+        wanted = size
+        while wanted != 0 and not self._done:
+            if not self._current:
+                item = self._queue.get()
+                if item is self._ABORT:
+                    raise OSError("the writer failed; the upload is abandoned")
+                if item is self._EOF:
+                    self._done = True
+                    break
                 self._current = memoryview(item)
-        chunk = self._current if size < 0 else self._current[:size]
-        self._current = self._current[len(chunk):]
-        return bytes(chunk)
+            piece = self._current if wanted < 0 else self._current[:wanted]
+            self._current = self._current[len(piece):]
+            pieces.append(piece)
+            if wanted > 0:
+                wanted -= len(piece)
+        return b"".join(pieces)
 
 
 @dataclass(frozen=True)
