@@ -45,4 +45,5 @@ crds: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/bench_text_trainer.py
+	$(PY) benchmarks/bench_checkpoint_cpu.py
 	$(PY) benchmarks/bench_families.py
