@@ -53,8 +53,8 @@ START_SECONDS = 60  # how long a write waits for a helper still importing torch
 MIN_HELPER_BYTES_ENV = "KONTINUE_SERIALIZER_MIN_BYTES"  # overrides it: 0 sends every checkpoint to the helper
 # The helper allocates the same large buffers for every checkpoint (an upload's parts, 32 MiB each).
 # By default glibc maps each afresh and unmaps it when freed, so every point faults in and zeroes
-# them again: a third of the CPU of an S3 write went there. These keep them in the helper's heap (up to
-# 256 MiB kept free) for the next point.
+# them again: a third of the CPU of an S3 write went there. These keep them in the helper's heap
+# (up to 256 MiB kept free) for the next point; an environment that sets them keeps its own.
 HELPER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 
 
