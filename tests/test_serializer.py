@@ -22,8 +22,8 @@ from kontinue.storage import LocalStore, StorageError
 from kontinue.storage.s3 import DEFAULT_PART_SIZE
 from kontinue.trainer.checkpoint_io import BackgroundWriter
 from kontinue.trainer.serializer import (CANCEL, HELPER_MALLOC_ENV, MIN_HELPER_BYTES, MIN_HELPER_BYTES_ENV, NICENESS,
-                                         SerializerProcess, Snapshot, WriteCancelled, min_helper_bytes,
-                                         write_checkpoint)
+                                         SPARE_BUFFERS, SerializerProcess, Snapshot, WriteCancelled,
+                                         min_helper_bytes, write_checkpoint)
 from tests.kube_fixtures import wait_for
 
 
@@ -95,6 +95,64 @@ def test_the_helper_and_the_training_process_write_the_same_checkpoint(serialize
     assert_same(torch.load(tmp_path / "there.ckpt", weights_only=True), plain)
     assert_same(torch.load(tmp_path / "here.ckpt", weights_only=True), plain)
     assert here.size == there.size
+
+
+def _buffer_of(snapshot: Snapshot) -> int:
+    """The inode of a snapshot's shared-memory buffer: the same buffer, the same inode."""
+    return os.fstat(snapshot.fd).st_ino
+
+
+def test_a_written_snapshots_buffer_takes_the_next_one_of_its_size_and_never_a_live_ones(serializer, tmp_path):
+    """The loop waits while a snapshot is copied, and a fresh buffer is allocated and zeroed as the
+    copy goes: freed buffers are kept mapped for the next snapshot of their size, a few of them."""
+    store = LocalStore(tmp_path)
+    first = Snapshot(a_state(), serializer)
+    held = Snapshot(a_state(), serializer)  # one still being written or waiting: never shared
+    assert _buffer_of(first) != _buffer_of(held)
+    write_checkpoint(store, "a.ckpt", first)
+    buffer = _buffer_of(first)
+    del first
+
+    state = a_state()
+    state["state_dict"]["w"].mul_(-3)  # the same sizes, other values
+    again = Snapshot(state, serializer)
+    assert _buffer_of(again) == buffer, "the freed buffer takes the next snapshot of its size"
+    write_checkpoint(store, "b.ckpt", again)
+    assert_same(torch.load(tmp_path / "b.ckpt", weights_only=True), state)
+
+    larger = a_state()
+    larger["state_dict"]["extra"] = torch.ones(1000)
+    other = Snapshot(larger, serializer)
+    assert _buffer_of(other) not in (buffer, _buffer_of(held)), "a buffer is only taken by a snapshot of its size"
+    write_checkpoint(store, "c.ckpt", other)
+    assert_same(torch.load(tmp_path / "c.ckpt", weights_only=True), larger)
+
+    kept = [Snapshot({"w": torch.full((64 * size,), float(size))}) for size in range(1, SPARE_BUFFERS + 3)]
+    inodes = [_buffer_of(snapshot) for snapshot in kept]
+    while kept:  # freed smallest first: the last SPARE_BUFFERS freed are kept
+        kept.pop(0)
+    taken = [Snapshot({"w": torch.zeros(64 * size)}) for size in range(1, SPARE_BUFFERS + 3)]
+    assert [_buffer_of(snapshot) == inode for snapshot, inode in zip(taken, inodes)] == \
+        [False] * 2 + [True] * SPARE_BUFFERS
+    for size, snapshot in enumerate(taken, start=1):
+        write_checkpoint(store, f"taken-{size}.ckpt", snapshot)
+        assert torch.equal(torch.load(tmp_path / f"taken-{size}.ckpt", weights_only=True)["w"], torch.zeros(64 * size))
+
+
+def test_a_forked_child_lets_go_of_the_spare_buffers():
+    """A loader worker forked while buffers are spare does not keep them allocated after the trainer
+    freed them."""
+    snapshot = Snapshot({"w": torch.ones(4096)})
+    spare = _buffer_of(snapshot)
+    del snapshot
+    child = os.fork()
+    if child == 0:  # the child: is the spare's memfd still open here?
+        held = any("memfd:kontinue-snapshot" in os.readlink(f"/proc/self/fd/{fd}")
+                   and os.stat(f"/proc/self/fd/{fd}").st_ino == spare
+                   for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}"))
+        os._exit(1 if held else 0)
+    assert os.waitpid(child, 0)[1] == 0
+    assert _buffer_of(Snapshot({"w": torch.zeros(4096)})) == spare, "the parent still has it"
 
 
 def test_the_helper_runs_at_a_lower_priority_and_ignores_stop_signals(serializer, tmp_path):
