@@ -34,11 +34,17 @@ rows and the same batches (same order, same dynamic padding), on the CPU:
      scratch file copied or renamed into last.ckpt and uploaded in the step, is gone from the code;
      its figures are in benchmarks/README.md.)
    The S3 fit runs once per --moto-nice value (default: 0 and 19), with moto's server process at
-   that niceness. A real S3 endpoint does not run on the trainer's machine; moto does, and at nice
-   0 it takes about 3.5 CPU-seconds per 271 MB point from training's two cores. At nice 19 it gets
-   only what training (and the helper process, at nice 10) leaves, which models a remote endpoint
-   more faithfully. (With --moto-in-process moto runs in the benchmark's process and there is one
-   S3 fit, at the benchmark's own niceness.)
+   that niceness, and once more (unless --no-moto-own-core, and only on two cores or more) with
+   moto's server on a core of its own: the last of the benchmark's cores, the benchmark itself (both
+   loops, torch's threads, one fewer than the cores, the helper process and the loader workers) kept
+   on the others. A real S3 endpoint does not run on the trainer's machine; moto does, and at nice 0
+   it takes 3.5-5 CPU-seconds per 271 MB point from training's two cores. At nice 19 it gets only
+   what training (and the helper process, at nice 10) leaves, which is a good deal: training leaves
+   its cores idle in places. On a core of its own it takes nothing from training, as a remote
+   endpoint would not; that is the fit whose stall is kontinue's own (its steps are slower, with
+   fewer threads, so the stall in steps is measured against steps of the same fit). (With
+   --moto-in-process moto runs in the benchmark's process and there is one S3 fit, at the
+   benchmark's own niceness.)
    For each mode: the checkpoint's size; how long the loop was blocked in `Trainer.save_checkpoint`
    (Lightning collecting the state + the snapshot in ResumePointIO.save_checkpoint [+ the wait,
    synchronous only]); the background write from when the point was taken to when last.json named
@@ -76,7 +82,7 @@ Model loading, tokenization and the rest of the set-up are not timed.
 
     python benchmarks/bench_text_trainer.py [--rows N] [--model PATH] [--steps N] [--repeats K]
         [--checkpoint-every N] [--checkpoint-steps N] [--no-s3] [--moto-nice N [N ...]]
-        [--moto-in-process]
+        [--no-moto-own-core] [--moto-in-process]
 
 The benchmark reaches into the trainer where product code must not: while `Predictor.fit` runs it
 wraps `lightning.pytorch.Trainer.__init__` to append its timing callback, and it wraps
@@ -115,7 +121,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from benchmarks.s3_server import moto_server  # noqa: E402
+from benchmarks.s3_server import confined, moto_server  # noqa: E402
 from kontinue.storage import S3Config, S3Store, Store  # noqa: E402
 from kontinue.trainer.checkpoint_io import BackgroundWriter, ResumePointIO  # noqa: E402
 from kontinue.trainer.predictor import Predictor  # noqa: E402
@@ -830,13 +836,13 @@ def stalls_of(result: RunResult, plain: RunResult, where: str, every: int) -> li
 
 
 @contextlib.contextmanager
-def moto_s3(in_process: bool = False, nice: int = 0) -> Iterator[None]:
+def moto_s3(in_process: bool = False, nice: int = 0, cores: set[int] | None = None) -> Iterator[None]:
     """moto's server (benchmarks/s3_server.py) with this process's environment pointing at it: in a
     child process at niceness `nice` (by default: its request handling then does not take the
     training loop's GIL, as a real S3 endpoint would not; it still shares the machine's cores, which
-    `nice` 19 leaves to training) or in this process (as the benchmark did before resume points moved
-    to the background; `nice` does not apply)."""
-    with moto_server(nice, in_process) as server:
+    `nice` 19 leaves to training, unless `cores` gives it some of its own) or in this process (as the
+    benchmark did before resume points moved to the background; `nice` does not apply)."""
+    with moto_server(nice, in_process, cores) as server:
         saved = {name: os.environ.get(name) for name in server.environ}
         os.environ.update(server.environ)
         MOTO_SERVER["pid"] = server.pid
@@ -851,19 +857,38 @@ def moto_s3(in_process: bool = False, nice: int = 0) -> Iterator[None]:
                     os.environ[name] = value
 
 
-def run_checkpointing(args, train, tuning, workdir: Path, s3: bool, nice: int = 0) -> tuple[RunResult, RunResult]:
+def run_checkpointing(args, train, tuning, workdir: Path, s3: bool, nice: int = 0,
+                      own_core: bool = False) -> tuple[RunResult, RunResult]:
     """A checkpointing kontinue fit whose resume points cycle through MODES, in lock-step with a
-    plain fit as the reference for the load; for S3, moto's server process at niceness `nice`."""
-    name = ("s3" if args.moto_in_process else f"s3-nice{nice}") if s3 else "local"
+    plain fit as the reference for the load; for S3, moto's server process at niceness `nice`, or
+    (`own_core`) on the last core, everything else of the benchmark on the others."""
+    name = ("s3" if args.moto_in_process else "s3-own-core" if own_core else f"s3-nice{nice}") if s3 else "local"
     probe = SaveProbe(alternate=True)
     if not s3:
         return run_pair(args, train, tuning, workdir, name, args.checkpoint_steps,
                         checkpoint_every=args.checkpoint_every, probe=probe)
+    if own_core:
+        cores = sorted(os.sched_getaffinity(0))
+        threads = torch.get_num_threads()
+        with confined(set(cores[:-1]), [helper_pid(SerializerProcess.shared())]):
+            torch.set_num_threads(min(threads, len(cores) - 1))
+            print(f"  s3, moto on core {cores[-1]} of its own: the benchmark on cores {cores[:-1]} with "
+                  f"{torch.get_num_threads()} torch thread(s)", flush=True)
+            try:
+                with moto_s3(False, nice, {cores[-1]}):
+                    return _run_s3_pair(args, train, tuning, workdir, name, probe)
+            finally:
+                torch.set_num_threads(threads)
     with moto_s3(args.moto_in_process, nice):
-        S3Store(S3Config.from_environ(), "kontinue-bench").ensure_bucket()
-        run_dir = open_run_directory(f"s3://kontinue-bench/runs/{name}", scratch=workdir / f"{name}-scratch")
-        return run_pair(args, train, tuning, workdir, name, args.s3_checkpoint_steps,
-                        checkpoint_every=args.s3_checkpoint_every, run_dir=run_dir, probe=probe)
+        return _run_s3_pair(args, train, tuning, workdir, name, probe)
+
+
+def _run_s3_pair(args, train, tuning, workdir: Path, name: str, probe: SaveProbe) -> tuple[RunResult, RunResult]:
+    """The checkpointing pair on the S3 server this process's environment points at."""
+    S3Store(S3Config.from_environ(), "kontinue-bench").ensure_bucket()
+    run_dir = open_run_directory(f"s3://kontinue-bench/runs/{name}", scratch=workdir / f"{name}-scratch")
+    return run_pair(args, train, tuning, workdir, name, args.s3_checkpoint_steps,
+                    checkpoint_every=args.s3_checkpoint_every, run_dir=run_dir, probe=probe)
 
 
 # -- report ----------------------------------------------------------------------------------------------
@@ -1027,6 +1052,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the S3 checkpointing fit once per value, moto's server process at that niceness "
                              "(0-19; default: 0 19). A real S3 endpoint does not run on the trainer's machine: at "
                              "nice 19 moto gets only the CPU training leaves, which models one more faithfully")
+    parser.add_argument("--moto-own-core", action=argparse.BooleanOptionalAction, default=True,
+                        help="one more S3 fit with moto on the last core, the benchmark on the others (on two cores "
+                             "or more; default: on)")
     parser.add_argument("--moto-in-process", action="store_true",
                         help="run moto's server in the benchmark's process (as before), not in a child process "
                              "(one S3 fit; --moto-nice does not apply)")
@@ -1066,13 +1094,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{kontinue.throughput:.1f} samples/s, median steps {plain.median_step:.3f} / "
                   f"{kontinue.median_step:.3f} s over {len(plain.durations)} / {len(kontinue.durations)} steps, "
                   f"ratio {kontinue.throughput / plain.throughput:.3f}", flush=True)
-        fits: list[tuple[str, bool, int]] = [("local disk", False, 0)]  # (where, S3, moto's niceness)
+        fits: list[tuple[str, bool, int, bool]] = [("local disk", False, 0, False)]  # (where, S3, moto's niceness, own core)
         if not args.no_s3:
-            fits += ([("s3 (moto, same process)", True, 0)] if args.moto_in_process else
-                     [(f"s3 (moto, nice {nice})", True, nice) for nice in dict.fromkeys(args.moto_nice)])
-        for where, s3, nice in fits:
+            fits += ([("s3 (moto, same process)", True, 0, False)] if args.moto_in_process else
+                     [(f"s3 (moto, nice {nice})", True, nice, False) for nice in dict.fromkeys(args.moto_nice)])
+            if args.moto_own_core and not args.moto_in_process and len(os.sched_getaffinity(0)) >= 2:
+                fits.append(("s3 (moto, own core)", True, 0, True))
+        for where, s3, nice, own_core in fits:
             try:
-                result, plain = run_checkpointing(args, train, tuning, workdir, s3, nice)
+                result, plain = run_checkpointing(args, train, tuning, workdir, s3, nice, own_core)
             except ImportError as error:
                 print(f"  checkpointing, {where}: skipped ({error})")
                 continue

@@ -1,21 +1,26 @@
-"""moto's S3 server at 127.0.0.1 for the benchmarks, in a child process at a chosen niceness.
+"""moto's S3 server at 127.0.0.1 for the benchmarks, in a child process at a chosen niceness, or on
+cores of its own.
 
 A real S3 endpoint does not run on the trainer's machine; moto does, and its request handling (part
 hashing, XML, copying) takes CPU the trainer and its checkpoint writer would otherwise get. At nice 19
-it takes only what they leave, which models a remote endpoint more faithfully; at nice 0 it competes.
+it takes only what they leave; at nice 0 it competes. Neither keeps it off training's cores: on cores
+of its own (the trainer kept off them, `confined`) it models a remote endpoint as this machine can.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 MOTO_CHILD = """
 import logging, os, sys
 os.nice(int(sys.argv[1]))  # before any thread starts: on Linux a thread's niceness is its own, inherited
+if sys.argv[2]:  # likewise its CPU affinity
+    os.sched_setaffinity(0, {int(core) for core in sys.argv[2].split(",")})
 from moto.server import ThreadedMotoServer
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
 server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -38,9 +43,10 @@ def _environ(host: str, port: int | str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def moto_server(nice: int = 0, in_process: bool = False) -> Iterator[MotoServer]:
-    """moto's ThreadedMotoServer in a child process at niceness `nice`, or in this process (`nice`
-    does not apply; its request handling then takes this process's GIL)."""
+def moto_server(nice: int = 0, in_process: bool = False, cores: set[int] | None = None) -> Iterator[MotoServer]:
+    """moto's ThreadedMotoServer in a child process at niceness `nice`, on `cores` only if given, or
+    in this process (`nice` and `cores` do not apply; its request handling then takes this
+    process's GIL)."""
     if in_process:
         import logging
 
@@ -54,7 +60,8 @@ def moto_server(nice: int = 0, in_process: bool = False) -> Iterator[MotoServer]
         finally:
             server.stop()
         return
-    child = subprocess.Popen([sys.executable, "-c", MOTO_CHILD, str(nice)], stdin=subprocess.PIPE,
+    child = subprocess.Popen([sys.executable, "-c", MOTO_CHILD, str(nice), ",".join(map(str, sorted(cores or ())))],
+                             stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
     line = child.stdout.readline().split()
     if len(line) != 2:
@@ -69,3 +76,25 @@ def moto_server(nice: int = 0, in_process: bool = False) -> Iterator[MotoServer]
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+
+
+@contextlib.contextmanager
+def confined(cores: set[int], others: Iterable[int | None] = ()) -> Iterator[None]:
+    """Every thread of this process and of the processes `others` (pids; None is skipped) on
+    `cores` only, and so every thread and process they start (loader workers); all of them back on
+    this process's cores afterwards."""
+    before = os.sched_getaffinity(0)
+    pids = ["self", *(str(pid) for pid in others if pid is not None)]
+
+    def pin(mask: set[int]) -> None:
+        for pid in pids:
+            with contextlib.suppress(OSError):  # a process that ended meanwhile
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                        os.sched_setaffinity(int(task), mask)
+
+    pin(cores)
+    try:
+        yield
+    finally:
+        pin(before)
