@@ -81,7 +81,7 @@ The first --warmup steps and every step with a validation or an epoch boundary i
 Model loading, tokenization and the rest of the set-up are not timed.
 
     python benchmarks/bench_text_trainer.py [--rows N] [--model PATH] [--steps N] [--repeats K]
-        [--checkpoint-every N] [--checkpoint-steps N] [--no-s3] [--moto-nice N [N ...]]
+        [--checkpoint-every N] [--checkpoint-steps N] [--no-s3] [--moto-nice [N ...]]
         [--no-moto-own-core] [--moto-in-process]
 
 The benchmark reaches into the trainer where product code must not: while `Predictor.fit` runs it
@@ -1048,10 +1048,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weight-decay", type=float, default=1e-3)
     parser.add_argument("--gradient-clip-val", type=float, default=1.0, help="in both loops (kontinue's default)")
     parser.add_argument("--no-s3", action="store_true", help="skip the S3 (moto) checkpoint runs")
-    parser.add_argument("--moto-nice", type=int, nargs="+", default=[0, 19], metavar="N",
+    parser.add_argument("--moto-nice", type=int, nargs="*", default=[0, 19], metavar="N",
                         help="run the S3 checkpointing fit once per value, moto's server process at that niceness "
-                             "(0-19; default: 0 19). A real S3 endpoint does not run on the trainer's machine: at "
-                             "nice 19 moto gets only the CPU training leaves, which models one more faithfully")
+                             "(0-19; default: 0 19; none: only the fit with moto on a core of its own). A real S3 "
+                             "endpoint does not run on the trainer's machine: at nice 19 moto gets only the CPU "
+                             "training leaves, which models one more faithfully")
     parser.add_argument("--moto-own-core", action=argparse.BooleanOptionalAction, default=True,
                         help="one more S3 fit with moto on the last core, the benchmark on the others (on two cores "
                              "or more; default: on)")

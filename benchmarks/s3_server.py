@@ -93,8 +93,20 @@ def confined(cores: set[int], others: Iterable[int | None] = ()) -> Iterator[Non
                     with contextlib.suppress(OSError):  # a thread that ended meanwhile
                         os.sched_setaffinity(int(task), mask)
 
+    def strays() -> list[str]:
+        found = []
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    with contextlib.suppress(OSError):
+                        if os.sched_getaffinity(int(task)) != cores:
+                            found.append(f"{pid}/{task}")
+        return found
+
     pin(cores)
     try:
         yield
     finally:
+        if outside := strays():  # a thread started elsewhere: the figures are not what they claim
+            print(f"  warning: threads not confined to cores {sorted(cores)}: {', '.join(outside)}", flush=True)
         pin(before)
