@@ -37,7 +37,8 @@ rows and the same batches (same order, same dynamic padding), on the CPU:
    that niceness, and once more (unless --no-moto-own-core, and only on two cores or more) with
    moto's server on a core of its own: the last of the benchmark's cores, the benchmark itself (both
    loops, torch's threads, one fewer than the cores, the helper process and the loader workers) kept
-   on the others. A real S3 endpoint does not run on the trainer's machine; moto does, and at nice 0
+   on the others; that fit runs --own-core-checkpoint-steps timed steps (400: about five points per
+   mode, since single points there range from under 1 to 2.5 steps). A real S3 endpoint does not run on the trainer's machine; moto does, and at nice 0
    it takes 3.5-5 CPU-seconds per 271 MB point from training's two cores. At nice 19 it gets only
    what training (and the helper process, at nice 10) leaves, which is a good deal: training leaves
    its cores idle in places. On a core of its own it takes nothing from training, as a remote
@@ -82,7 +83,7 @@ Model loading, tokenization and the rest of the set-up are not timed.
 
     python benchmarks/bench_text_trainer.py [--rows N] [--model PATH] [--steps N] [--repeats K]
         [--checkpoint-every N] [--checkpoint-steps N] [--no-s3] [--moto-nice [N ...]]
-        [--no-moto-own-core] [--moto-in-process]
+        [--no-moto-own-core] [--own-core-checkpoint-steps N] [--moto-in-process]
 
 The benchmark reaches into the trainer where product code must not: while `Predictor.fit` runs it
 wraps `lightning.pytorch.Trainer.__init__` to append its timing callback, and it wraps
@@ -887,7 +888,8 @@ def _run_s3_pair(args, train, tuning, workdir: Path, name: str, probe: SaveProbe
     """The checkpointing pair on the S3 server this process's environment points at."""
     S3Store(S3Config.from_environ(), "kontinue-bench").ensure_bucket()
     run_dir = open_run_directory(f"s3://kontinue-bench/runs/{name}", scratch=workdir / f"{name}-scratch")
-    return run_pair(args, train, tuning, workdir, name, args.s3_checkpoint_steps,
+    steps = args.own_core_checkpoint_steps if name == "s3-own-core" else args.s3_checkpoint_steps
+    return run_pair(args, train, tuning, workdir, name, steps,
                     checkpoint_every=args.s3_checkpoint_every, run_dir=run_dir, probe=probe)
 
 
@@ -1042,7 +1044,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="env.checkpoint_every_n_steps of the S3 fits: an upload to moto on the same two cores "
                              "takes 10-25 s, longer than 8 steps, and points whose writes overlap are not counted")
     parser.add_argument("--s3-checkpoint-steps", type=int, default=150,
-                        help="timed steps of each S3 checkpointing fit (about 2 points per mode at the default)")
+                        help="timed steps of each S3 checkpointing fit with moto sharing the cores (about 2 points "
+                             "per mode at the default)")
+    parser.add_argument("--own-core-checkpoint-steps", type=int, default=400,
+                        help="timed steps of the S3 fit with moto on a core of its own (about 5 points per mode "
+                             "counted at the default: the fit that models a remote endpoint, whose per-point spread "
+                             "is wide)")
     parser.add_argument("--max-text-len", type=int, default=512)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--weight-decay", type=float, default=1e-3)
@@ -1062,7 +1069,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
     for name in ("steps", "repeats", "batch_size", "checkpoint_every", "checkpoint_steps", "s3_checkpoint_every",
-                 "s3_checkpoint_steps"):
+                 "s3_checkpoint_steps", "own_core_checkpoint_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
