@@ -38,8 +38,9 @@ rows and the same batches (same order, same dynamic padding), on the CPU:
    moto's server on a core of its own: the last of the benchmark's cores, the benchmark itself (both
    loops, torch's threads, one fewer than the cores, the helper process and the loader workers) kept
    on the others; that fit runs --own-core-checkpoint-steps timed steps (400: about five points per
-   mode, since single points there range from under 1 to 2.5 steps). A real S3 endpoint does not run on the trainer's machine; moto does, and at nice 0
-   it takes 3.5-5 CPU-seconds per 271 MB point from training's two cores. At nice 19 it gets only
+   mode, since single points there range from under 1 to 2.5 steps). A real S3 endpoint does not
+   run on the trainer's machine; moto does, and at nice 0 it takes 3.5-5 CPU-seconds per 271 MB
+   point from training's two cores. At nice 19 it gets only
    what training (and the helper process, at nice 10) leaves, which is a good deal: training leaves
    its cores idle in places. On a core of its own it takes nothing from training, as a remote
    endpoint would not; that is the fit whose stall is kontinue's own (its steps are slower, with
@@ -877,18 +878,18 @@ def run_checkpointing(args, train, tuning, workdir: Path, s3: bool, nice: int = 
                   f"{torch.get_num_threads()} torch thread(s)", flush=True)
             try:
                 with moto_s3(False, nice, {cores[-1]}):
-                    return _run_s3_pair(args, train, tuning, workdir, name, probe)
+                    return _run_s3_pair(args, train, tuning, workdir, name, probe, args.own_core_checkpoint_steps)
             finally:
                 torch.set_num_threads(threads)
     with moto_s3(args.moto_in_process, nice):
-        return _run_s3_pair(args, train, tuning, workdir, name, probe)
+        return _run_s3_pair(args, train, tuning, workdir, name, probe, args.s3_checkpoint_steps)
 
 
-def _run_s3_pair(args, train, tuning, workdir: Path, name: str, probe: SaveProbe) -> tuple[RunResult, RunResult]:
-    """The checkpointing pair on the S3 server this process's environment points at."""
+def _run_s3_pair(args, train, tuning, workdir: Path, name: str, probe: SaveProbe,
+                 steps: int) -> tuple[RunResult, RunResult]:
+    """The checkpointing pair, `steps` timed steps, on the S3 server this process's environment points at."""
     S3Store(S3Config.from_environ(), "kontinue-bench").ensure_bucket()
     run_dir = open_run_directory(f"s3://kontinue-bench/runs/{name}", scratch=workdir / f"{name}-scratch")
-    steps = args.own_core_checkpoint_steps if name == "s3-own-core" else args.s3_checkpoint_steps
     return run_pair(args, train, tuning, workdir, name, steps,
                     checkpoint_every=args.s3_checkpoint_every, run_dir=run_dir, probe=probe)
 

@@ -60,8 +60,8 @@ def moto_server(nice: int = 0, in_process: bool = False, cores: set[int] | None 
         finally:
             server.stop()
         return
-    child = subprocess.Popen([sys.executable, "-c", MOTO_CHILD, str(nice), ",".join(map(str, sorted(cores or ())))],
-                             stdin=subprocess.PIPE,
+    core_list = ",".join(map(str, sorted(cores or ())))
+    child = subprocess.Popen([sys.executable, "-c", MOTO_CHILD, str(nice), core_list], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
     line = child.stdout.readline().split()
     if len(line) != 2:
@@ -86,21 +86,22 @@ def confined(cores: set[int], others: Iterable[int | None] = ()) -> Iterator[Non
     before = os.sched_getaffinity(0)
     pids = ["self", *(str(pid) for pid in others if pid is not None)]
 
-    def pin(mask: set[int]) -> None:
+    def tasks() -> Iterator[int]:
         for pid in pids:
             with contextlib.suppress(OSError):  # a process that ended meanwhile
-                for task in os.listdir(f"/proc/{pid}/task"):
-                    with contextlib.suppress(OSError):  # a thread that ended meanwhile
-                        os.sched_setaffinity(int(task), mask)
+                yield from map(int, os.listdir(f"/proc/{pid}/task"))
 
-    def strays() -> list[str]:
+    def pin(mask: set[int]) -> None:
+        for task in tasks():
+            with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                os.sched_setaffinity(task, mask)
+
+    def strays() -> list[int]:
         found = []
-        for pid in pids:
+        for task in tasks():
             with contextlib.suppress(OSError):
-                for task in os.listdir(f"/proc/{pid}/task"):
-                    with contextlib.suppress(OSError):
-                        if os.sched_getaffinity(int(task)) != cores:
-                            found.append(f"{pid}/{task}")
+                if os.sched_getaffinity(task) != cores:
+                    found.append(task)
         return found
 
     pin(cores)
@@ -108,5 +109,6 @@ def confined(cores: set[int], others: Iterable[int | None] = ()) -> Iterator[Non
         yield
     finally:
         if outside := strays():  # a thread started elsewhere: the figures are not what they claim
-            print(f"  warning: threads not confined to cores {sorted(cores)}: {', '.join(outside)}", flush=True)
+            print(f"  warning: threads not confined to cores {sorted(cores)}: {', '.join(map(str, outside))}",
+                  flush=True)
         pin(before)
