@@ -19,9 +19,8 @@ import torch
 
 from kontinue.api.contract import InvalidInput
 from kontinue.storage import LocalStore, StorageError
-from kontinue.storage.s3 import DEFAULT_PART_SIZE
 from kontinue.trainer.checkpoint_io import BackgroundWriter
-from kontinue.trainer.serializer import (CANCEL, HELPER_MALLOC_ENV, MIN_HELPER_BYTES, MIN_HELPER_BYTES_ENV, NICENESS,
+from kontinue.trainer.serializer import (CANCEL, MIN_HELPER_BYTES, MIN_HELPER_BYTES_ENV, NICENESS,
                                          SPARE_BUFFERS, SerializerProcess, Snapshot, WriteCancelled,
                                          min_helper_bytes, write_checkpoint)
 from tests.kube_fixtures import wait_for
@@ -167,17 +166,6 @@ def test_the_helper_runs_at_a_lower_priority_and_ignores_stop_signals(serializer
     write_checkpoint(store, "b.ckpt", Snapshot(a_state(), serializer))
     assert serializer._process.pid == helper
     store.verify("b.ckpt")
-
-
-def test_the_helper_keeps_its_large_buffers_in_its_heap(serializer):
-    """glibc's thresholds in the helper's environment (an upload's 32 MiB parts are not mapped and
-    zeroed afresh for every checkpoint); the trainer's own environment is left as it was."""
-    environ = dict(item.split(b"=", 1) for item in
-                   pathlib.Path(f"/proc/{serializer._process.pid}/environ").read_bytes().split(b"\0") if item)
-    assert {name: environ.get(name.encode()) for name in HELPER_MALLOC_ENV} == \
-        {name: value.encode() for name, value in HELPER_MALLOC_ENV.items()}
-    assert int(HELPER_MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]) > DEFAULT_PART_SIZE
-    assert not set(HELPER_MALLOC_ENV) & set(os.environ)
 
 
 def test_a_failed_write_is_raised_in_the_trainer_and_the_helper_goes_on(serializer, tmp_path):

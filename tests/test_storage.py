@@ -5,8 +5,12 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
+import time
+import urllib.parse
 
 import pytest
+import urllib3
 
 from kontinue.storage import (
     ChecksumMismatch,
@@ -273,21 +277,83 @@ def test_streamed_write_appears_whole_with_its_sha256_in_parallel_parts(store):
     assert store.get_bytes("empty") == b""
 
 
-def test_the_upload_pipe_hands_minio_a_whole_part_per_read():
-    """minio assembles each part by appending what read() returns: one read per part keeps it to
-    one copy (pieces of a slice each made it copy every part several times over)."""
-    import threading
+class RecordingHTTP(urllib3.PoolManager):
+    """A real connection pool that notes each request to the server (and can stand in for the
+    server's answer to one, for replies moto never gives)."""
 
-    from kontinue.storage.s3 import PIPE_SLICE, _Pipe
+    def __init__(self, answer=None):
+        super().__init__(retries=False)
+        self.requests, self.in_flight, self.most_in_flight = [], 0, 0
+        self._lock, self._answer = threading.Lock(), answer
 
-    pipe, data = _Pipe(), os.urandom(2 * PIPE_SLICE + 5)
-    writer = threading.Thread(target=lambda: (pipe.write(data[:7]), pipe.write(data[7:]), pipe.close()))
-    writer.start()
-    part = PIPE_SLICE + PIPE_SLICE // 2
-    first, rest = pipe.read(part), pipe.read(part)
-    assert (len(first), len(rest)) == (part, len(data) - part)
-    assert first + rest == data and pipe.read(part) == b""
-    writer.join()
+    def urlopen(self, method, url, body=None, headers=None, **kwargs):
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query, keep_blank_values=True)
+        self.requests.append((method, query, dict(headers or {}), body))
+        if self._answer and (answer := self._answer(method, query)):
+            return answer
+        with self._lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            if "partNumber" in query:
+                time.sleep(0.05)  # parts that take a while, so a fast writer has to wait for a free buffer
+            return super().urlopen(method, url, body=body, headers=headers, **kwargs)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+
+def test_a_streamed_upload_sends_presigned_unhashed_parts_from_buffers_kept_for_the_next(s3_store):
+    """minio's put_object hashed every part to sign it (sha256 over HTTP, MD5 over HTTPS): more CPU
+    than the rest of a checkpoint's upload. Parts now go out presigned, unhashed, two at a time here,
+    each from one of three buffers, while the writer goes on (and waits when all are taken); the
+    next upload takes the same buffers instead of faulting in fresh pages."""
+    http = RecordingHTTP()
+    store = S3Store(s3_store.config, s3_store.bucket, "presigned", part_size=5 * MiB, parallel_uploads=2, http=http)
+    data = os.urandom(6 * 5 * MiB + 123)
+    with store.writer("checkpoints/step-1.ckpt", checksum=True) as out:
+        for start in range(0, len(data), MiB):
+            out.write(data[start:start + MiB])
+    uploads = [(method, query, headers, body) for method, query, headers, body in http.requests
+               if method in ("PUT", "POST")]
+    parts = [body for method, query, headers, body in uploads if "partNumber" in query]
+    assert [len(body) for body in parts] == [5 * MiB] * 6 + [123]
+    assert len({id(body.obj) for body in parts}) <= 3, "a fresh buffer for every part"
+    assert http.most_in_flight == 2
+    for method, query, headers, body in uploads:
+        assert query["X-Amz-SignedHeaders"] == ["host"] and "X-Amz-Signature" in query
+        assert not {name.lower() for name in headers} & {"content-md5", "x-amz-content-sha256"}
+    assert [("uploads" in q, "uploadId" in q) for m, q, h, b in uploads if m == "POST"] == [(True, False), (False, True)]
+    assert store.get_bytes("checkpoints/step-1.ckpt") == data
+    assert store.verify("checkpoints/step-1.ckpt") == hashlib.sha256(data).hexdigest()
+    plain_puts = [query for method, query, headers, body in uploads if method == "PUT" and "partNumber" not in query]
+    assert len(plain_puts) == 1 and "uploadId" not in plain_puts[0]  # the sidecar: a small object, one PUT
+
+    del http.requests[:]
+    store.put_bytes("checkpoints/step-2.ckpt", data)
+    again = {id(body.obj) for method, query, headers, body in http.requests if "partNumber" in query}
+    assert again and again <= {id(body.obj) for body in parts}
+
+
+def test_a_complete_that_fails_after_its_200_leaves_nothing_and_says_why(s3_store):
+    """S3 may answer CompleteMultipartUpload 200 and put the error in the body."""
+    error = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code>'
+             b'<Message>We encountered an internal error. Please try again.</Message></Error>')
+    http = RecordingHTTP(answer=lambda method, query: urllib3.HTTPResponse(error, status=200, preload_content=False)
+                         if method == "POST" and "uploadId" in query else None)
+    store = S3Store(s3_store.config, s3_store.bucket, "complete", part_size=5 * MiB, http=http)
+    with pytest.raises(StorageError, match="complete/ckpt: InternalError: We encountered an internal error"):
+        with store.writer("ckpt") as out:
+            out.write(os.urandom(11 * MiB))
+    assert not store.exists("ckpt")
+    assert [method for method, query, headers, body in http.requests if "uploadId" in query][-1] == "DELETE"
+
+
+def test_part_sizes_double_every_2000_parts_so_that_10000_hold_almost_2_tib():
+    from kontinue.storage.s3 import MAX_PARTS, part_size_for
+
+    assert [part_size_for(n, 32 * MiB) // MiB for n in (1, 2000, 2001, 4001, MAX_PARTS)] == [32, 32, 64, 128, 512]
+    assert sum(part_size_for(n, 32 * MiB) for n in range(1, MAX_PARTS + 1)) >= 1.85 * (1 << 40)
 
 
 def test_streamed_write_that_fails_leaves_nothing(store):
@@ -453,3 +519,19 @@ def test_secrets_stay_out_of_reprs(s3_server):
     for text in (repr(store), str(store), repr(store.config)):
         assert s3_server.secret_key not in text and s3_server.access_key not in text
 
+
+
+def test_spare_buffers_keep_the_most_recently_given_back_and_close_the_rest():
+    import mmap
+
+    from kontinue.storage.buffers import SpareBuffers
+
+    pool = SpareBuffers(3, lambda size: mmap.mmap(-1, size))
+    taken = [pool.take(4096) for _ in range(5)]
+    assert len({id(buffer) for buffer in taken}) == 5
+    for buffer in taken:
+        pool.give_back(buffer)
+    assert [buffer.closed for buffer in taken] == [True, True, False, False, False]
+    assert pool.take(4096) is taken[-1] and pool.take(4096) is taken[-2]
+    other = pool.take(8192)
+    assert len(other) == 8192 and all(other is not buffer for buffer in taken)

@@ -39,6 +39,7 @@ import torch
 
 from kontinue.api.contract import InvalidInput
 from kontinue.storage import ObjectInfo, StorageError, Store
+from kontinue.storage.buffers import SpareBuffers
 
 log = logging.getLogger("kontinue.trainer")
 
@@ -51,11 +52,6 @@ CANCEL = b"cancel"  # what the trainer says to stop the helper's write in progre
 MIN_HELPER_BYTES = 128 << 20
 START_SECONDS = 60  # how long a write waits for a helper still importing torch
 MIN_HELPER_BYTES_ENV = "KONTINUE_SERIALIZER_MIN_BYTES"  # overrides it: 0 sends every checkpoint to the helper
-# The helper allocates the same large buffers for every checkpoint (an upload's parts, 32 MiB each).
-# By default glibc maps each afresh and unmaps it when freed, so every point faults in and zeroes
-# them again: a third of the CPU of an S3 write went there. These keep them in the helper's heap
-# (up to 256 MiB kept free) for the next point; an environment that sets them keeps its own.
-HELPER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 SPARE_BUFFERS = 2  # snapshot buffers kept mapped for the next snapshot of the same size (a resume point, the best model)
 
 
@@ -138,56 +134,33 @@ def _views(buffer: mmap.mmap, value: Any) -> Any:
     return _restore_tensors(value, tensor_at)
 
 
-class _SpareBuffers:
-    """Snapshot buffers kept for the next snapshot of the same size. The loop waits while a
-    snapshot is copied, and into a fresh memfd that copy also allocates and zeroes every page as it
-    first touches it: 0.16 s for MiniLM's 271 MB resume point, against 0.02 s into pages mapped
-    already. So a freed buffer stays mapped for the next point, up to SPARE_BUFFERS of them (the
-    least recently freed goes first): between points this process keeps about one resume point and
-    one best model's size of shared memory, which each point needs again anyway."""
+class _SharedMemory:
+    """A memfd, through which the helper maps the same pages, and this process's mapping of it."""
 
-    def __init__(self, keep: int = SPARE_BUFFERS) -> None:
-        self._keep = keep
-        self._lock = threading.Lock()
-        self._spares: list[tuple[int, mmap.mmap]] = []  # (memfd, its mapping), least recently freed first
-
-    def take(self, size: int) -> tuple[int, mmap.mmap]:
-        """A memfd of `size` bytes and a writable mapping of it: a spare one if there is."""
-        with self._lock:
-            for index in reversed(range(len(self._spares))):  # the most recently freed first
-                if len(self._spares[index][1]) == size:
-                    return self._spares.pop(index)
-        fd = os.memfd_create("kontinue-snapshot", os.MFD_CLOEXEC)
+    def __init__(self, size: int):
+        self.fd = os.memfd_create("kontinue-snapshot", os.MFD_CLOEXEC)
         try:
-            os.ftruncate(fd, size)
-            return fd, mmap.mmap(fd, size)
+            os.ftruncate(self.fd, size)
+            self.mapping = mmap.mmap(self.fd, size)
         except BaseException:
-            os.close(fd)
+            os.close(self.fd)
             raise
 
-    def give_back(self, fd: int, mapping: mmap.mmap) -> None:
-        """Keeps a buffer no one reads any more for the next snapshot of its size."""
-        with self._lock:
-            self._spares.append((fd, mapping))
-            dropped = self._spares[:-self._keep] if self._keep else self._spares[:]
-            del self._spares[:len(dropped)]
-        for old_fd, old_mapping in dropped:
-            old_mapping.close()
-            os.close(old_fd)
+    def __len__(self) -> int:
+        return len(self.mapping)
 
-    def forget(self) -> None:
-        """In a forked child (a loader worker): lets go of the parent's spares, which would otherwise
-        stay allocated until the child exits even after the parent freed them."""
-        self._lock = threading.Lock()  # another thread may have held it at the fork
-        spares, self._spares = self._spares, []
-        for fd, mapping in spares:
-            with contextlib.suppress(BufferError, OSError):
-                mapping.close()
-                os.close(fd)
+    def close(self) -> None:
+        try:
+            self.mapping.close()
+        finally:
+            os.close(self.fd)
 
 
-_SPARES = _SpareBuffers()
-os.register_at_fork(after_in_child=_SPARES.forget)
+# The loop waits while a snapshot is copied, and into a fresh memfd that copy also allocates and
+# zeroes every page it first touches: 0.16 s for MiniLM's 271 MB resume point, against 0.02 s into
+# pages mapped already. So between points this process keeps about one resume point's and one best
+# model's size of shared memory, which each point needs again anyway.
+_SPARES = SpareBuffers(SPARE_BUFFERS, _SharedMemory)
 
 
 class Snapshot:
@@ -196,7 +169,7 @@ class Snapshot:
     `write` stores it through `serializer`, or in the calling thread without one."""
 
     def __init__(self, value: Any, serializer: SerializerProcess | None = None):
-        self.serializer, self.fd, self._mapping = serializer, -1, None
+        self.serializer, self.fd, self._memory = serializer, -1, None
         self._cancelled = threading.Event()
         tensors: list[tuple[_TensorAt, torch.Tensor]] = []
         size = 0
@@ -212,8 +185,9 @@ class Snapshot:
         self.tree = _replace_tensors(value, place)
         self.size = size
         if size:
-            self.fd, self._mapping = _SPARES.take(size)
-            flat = torch.frombuffer(self._mapping, dtype=torch.uint8)
+            self._memory = _SPARES.take(size)
+            self.fd = self._memory.fd
+            flat = torch.frombuffer(self._memory.mapping, dtype=torch.uint8)
             for at, tensor in tensors:
                 nbytes = tensor.numel() * tensor.element_size()
                 if nbytes:
@@ -247,9 +221,9 @@ class Snapshot:
 
     def close(self) -> None:
         """Gives the buffer back for the next snapshot (once no write reads it: the helper replied)."""
-        if self.fd >= 0:
-            _SPARES.give_back(self.fd, self._mapping)
-            self.fd, self._mapping = -1, None
+        if self._memory is not None:
+            _SPARES.give_back(self._memory)
+            self.fd, self._memory = -1, None
 
     def __del__(self) -> None:
         self.close()
@@ -321,7 +295,7 @@ class SerializerProcess:
         self._stop()  # what is left of one that died
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        environ = {**HELPER_MALLOC_ENV, **os.environ, "PYTHONPATH": os.pathsep.join(
+        environ = {**os.environ, "PYTHONPATH": os.pathsep.join(
             filter(None, [package_root, os.environ.get("PYTHONPATH")]))}  # this kontinue, installed or not
         with theirs:
             self._process = subprocess.Popen(  # stop signals ignored before the imports
