@@ -1,4 +1,4 @@
-"""CPU per resume point: kontinue's checkpoint write against the least a plain write needs, side by side.
+"""CPU per resume point: kontinue's checkpoint write against a plain write, side by side.
 
 On a node whose cores are all busy training, every CPU-second a checkpoint write takes is taken from
 training, wherever it runs. This measures those CPU-seconds for one MiniLM resume point (weights and
@@ -8,7 +8,7 @@ AdamW's two moments, 271.5 MB) written to local disk and to S3 (moto's server ov
   helper process (`SerializerProcess`): torch.save streamed into the store, its sha256 on the way, the
   object all-or-nothing (a temporary file renamed; a multipart upload with parts sent in parallel),
   then its sha256 sidecar. CPU of the trainer's process, of the helper and of the S3 server.
-- reference: the least a plain write needs. `torch.save` into memory, then one `put_object` of those
+- reference: a plain write. `torch.save` into memory, then one minio `put_object` of those
   bytes with their length (minio: the same 32 MiB parts, 4 in parallel; it hashes each part to sign
   it over HTTP), or `torch.save` to a file and fsync. No snapshot, no checksum, not atomic.
 

@@ -535,3 +535,27 @@ def test_spare_buffers_keep_the_most_recently_given_back_and_close_the_rest():
     assert pool.take(4096) is taken[-1] and pool.take(4096) is taken[-2]
     other = pool.take(8192)
     assert len(other) == 8192 and all(other is not buffer for buffer in taken)
+
+
+def test_no_presigned_signature_reaches_an_error_or_the_log(s3_server, caplog):
+    """A presigned URL grants its request for an hour: neither the error of an upload that failed
+    (retried, then given up) nor urllib3's log of the requests may show its signature or key."""
+    import dataclasses
+    import logging
+    import re
+    import socket
+    import traceback
+
+    caplog.set_level(logging.DEBUG, logger="urllib3")
+    store = S3Store(s3_server.config, s3_server.make_bucket(), "secrets", part_size=5 * MiB)
+    store.put_bytes("ok", b"x" * 100)
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    unreachable = S3Store(dataclasses.replace(s3_server.config, endpoint=f"127.0.0.1:{port}"), "bucket", "run")
+    with pytest.raises(StorageError, match="run/lost: HTTPError: NewConnectionError") as failed:
+        unreachable.put_bytes("lost", b"y" * 100)
+    text = "".join(traceback.format_exception(failed.value)) + caplog.text
+    assert "X-Amz-Signature=<redacted>" in caplog.text  # the requests are logged, their signatures blanked
+    assert s3_server.access_key not in text and s3_server.secret_key not in text
+    assert not re.search(r"X-Amz-Signature=[0-9a-f]", text, re.IGNORECASE)

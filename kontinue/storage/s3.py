@@ -12,6 +12,7 @@ import email.utils
 import logging
 import mmap
 import os
+import re
 import shutil
 import threading
 import time
@@ -38,8 +39,28 @@ DEFAULT_PART_SIZE = 32 << 20
 DEFAULT_PARALLEL_UPLOADS = 4
 MAX_PARTS = 10_000  # S3's limit per multipart upload
 KEPT_PART_BUFFERS = DEFAULT_PARALLEL_UPLOADS + 1  # one upload's: the parts on the way and the one being filled
-PRESIGNED_FOR = timedelta(hours=1)  # a request's signature is good for this long (retries included)
+PRESIGNED_FOR = timedelta(hours=1)  # a request's signature is good for this long
+RETRIES = 5  # as minio's client: a connection that failed, for any request; a 5xx or a cut reply, for PUT and DELETE
 _S3_XML = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+_SIGNED_QUERY = re.compile(r"(X-Amz-(?:Credential|Signature|Security-Token)=)[^&\s'\"]+", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """``text`` with the credential, signature and session token of any presigned URL in it blanked:
+    such a URL grants its request until it expires."""
+    return _SIGNED_QUERY.sub(r"\1<redacted>", text)
+
+
+class _RedactPresignedURLs(logging.Filter):
+    """urllib3 logs each request's URL at DEBUG: a presigned one would put a live signature in the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(str(record.msg))
+        record.args = tuple(redact(arg) if isinstance(arg, str) else arg for arg in record.args or ())
+        return True
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_RedactPresignedURLs())
 
 
 def _env(environ: Mapping[str, str], *names: str, required: bool = False) -> str | None:
@@ -280,14 +301,27 @@ class S3Store(Store):
             raise self._error(key, f"{type(exc).__name__}: {exc}") from exc
 
     def _request(self, method: str, name: str, body: bytes | memoryview = b"", **query: str) -> urllib3.BaseHTTPResponse:
-        """One request to the object ``name`` on a presigned URL (see _PartWriter); S3Error if refused."""
-        url = self.client.get_presigned_url(method, self.bucket, name, PRESIGNED_FOR, extra_query_params=query)
-        response = self.http.request(method, url, body=body, headers={"Content-Length": str(len(body))})
-        # CompleteMultipartUpload can fail after its 200 status: the error is then the body
-        if response.status >= 300 or response.data.lstrip().startswith(b"<?xml") and \
-                ET.fromstring(response.data).tag in ("Error", f"{_S3_XML}Error"):
-            raise _s3_error(response)
-        return response
+        """One request to the object ``name`` on a presigned URL (see _PartWriter); S3Error if
+        refused. Retried here rather than by urllib3, whose messages would carry the URL."""
+        idempotent = method in ("PUT", "DELETE")
+        for attempt in range(RETRIES + 1):
+            if attempt:
+                time.sleep(0.2 * 2 ** (attempt - 1))
+            url = self.client.get_presigned_url(method, self.bucket, name, PRESIGNED_FOR, extra_query_params=query)
+            try:
+                response = self.http.request(method, url, body=body, headers={"Content-Length": str(len(body))},
+                                             retries=False)
+            except urllib3.exceptions.HTTPError as error:
+                if attempt < RETRIES and (idempotent or isinstance(error, urllib3.exceptions.ConnectTimeoutError)):
+                    continue
+                raise urllib3.exceptions.HTTPError(redact(f"{type(error).__name__}: {error}")) from None
+            if idempotent and attempt < RETRIES and response.status in (500, 502, 503, 504):
+                continue
+            # CompleteMultipartUpload can fail after its 200 status: the error is then the body
+            if response.status >= 300 or response.data.lstrip().startswith(b"<?xml") and \
+                    ET.fromstring(response.data).tag in ("Error", f"{_S3_XML}Error"):
+                raise _s3_error(response)
+            return response
 
     def _write(self, key: str, stream: BinaryIO, size: int) -> ObjectInfo:
         with self._open(key) as out:
