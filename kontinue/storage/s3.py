@@ -97,7 +97,8 @@ _PART_BUFFERS = SpareBuffers(KEPT_PART_BUFFERS, lambda size: mmap.mmap(-1, size,
 
 class _PartWriter:
     """A writer whose bytes go to S3 while they are written: in parts, ``parallel_uploads`` at a
-    time, each from a buffer of its own (a writer that outruns the upload waits for a free one).
+    time, each from a buffer of its own, kept for the next upload once sent (a writer that outruns
+    the upload waits for one to be free).
     Nothing is visible until :meth:`finish` completes the upload (a single PUT when it all fits one
     part); :meth:`abandon` aborts it, so no parts are left behind.
 
@@ -300,7 +301,8 @@ class S3Store(Store):
         except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
             raise self._error(key, f"{type(exc).__name__}: {exc}") from exc
 
-    def _request(self, method: str, name: str, body: bytes | memoryview = b"", **query: str) -> urllib3.BaseHTTPResponse:
+    def _request(self, method: str, name: str, body: bytes | memoryview = b"",
+                 **query: str) -> urllib3.BaseHTTPResponse:
         """One request to the object ``name`` on a presigned URL (see _PartWriter); S3Error if
         refused. Retried here rather than by urllib3, whose messages would carry the URL."""
         idempotent = method in ("PUT", "DELETE")
