@@ -169,7 +169,7 @@ class Snapshot:
     `write` stores it through `serializer`, or in the calling thread without one."""
 
     def __init__(self, value: Any, serializer: SerializerProcess | None = None):
-        self.serializer, self.fd, self._memory = serializer, -1, None
+        self.serializer, self._memory = serializer, None
         self._cancelled = threading.Event()
         tensors: list[tuple[_TensorAt, torch.Tensor]] = []
         size = 0
@@ -186,13 +186,17 @@ class Snapshot:
         self.size = size
         if size:
             self._memory = _SPARES.take(size)
-            self.fd = self._memory.fd
             flat = torch.frombuffer(self._memory.mapping, dtype=torch.uint8)
             for at, tensor in tensors:
                 nbytes = tensor.numel() * tensor.element_size()
                 if nbytes:
                     flat[at.offset:at.offset + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
             del flat
+
+    @property
+    def fd(self) -> int:
+        """The memfd holding the tensors (-1 once closed, or with no tensors)."""
+        return self._memory.fd if self._memory is not None else -1
 
     def __getitem__(self, key: str) -> Any:
         return self.tree[key]
@@ -223,7 +227,7 @@ class Snapshot:
         """Gives the buffer back for the next snapshot (once no write reads it: the helper replied)."""
         if self._memory is not None:
             _SPARES.give_back(self._memory)
-            self.fd, self._memory = -1, None
+            self._memory = None
 
     def __del__(self) -> None:
         self.close()
